@@ -1,0 +1,1 @@
+"""What more than one GradAlign service needs: records, GRPO math, rewards, models, gRPC helpers."""
