@@ -1,0 +1,1 @@
+"""Scheduler service: REST API, experiment storage and the orchestrator that drives GradAlign rounds."""

@@ -1,0 +1,63 @@
+"""The scheduler process: FastAPI app + orchestrator thread over one database and event bus."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gradalign_common.logging_setup import configure_logging, get_logger
+from services.scheduler.api import install_error_handlers, router
+from services.scheduler.db import init_db, make_engine, make_session_factory
+from services.scheduler.events import make_event_bus
+from services.scheduler.experiments import ExperimentService
+from services.scheduler.orchestrator import Orchestrator
+from services.scheduler.settings import SchedulerSettings
+
+log = get_logger("gradalign.scheduler")
+
+
+def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
+    settings = settings or SchedulerSettings()
+    engine = make_engine(settings.database_url)
+    init_db(engine)
+    sessions = make_session_factory(engine)
+    bus = make_event_bus(settings.redis_url)
+    orchestrator = Orchestrator(settings, sessions, bus)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.run_orchestrator:
+            orchestrator.start()
+        yield
+        orchestrator.stop()
+        orchestrator.release_all()
+        bus.close()
+        engine.dispose()
+
+    app = FastAPI(title="GradAlign scheduler", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sessions = sessions
+    app.state.bus = bus
+    app.state.orchestrator = orchestrator
+    app.state.experiments = ExperimentService(settings, sessions, bus)
+    app.include_router(router)
+    install_error_handlers(app)
+    return app
+
+
+def serve(settings: SchedulerSettings) -> None:
+    import uvicorn
+
+    configure_logging("scheduler", settings.log_level)
+    app = create_app(settings)
+    log.info("serving", url=f"http://{settings.host}:{settings.port}")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False)
+
+
+def main() -> None:
+    serve(SchedulerSettings())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The scheduler's database: experiments, rounds, stages, candidates, selections, training metrics.
+
+SQLAlchemy 2 models; SQLite on one machine, PostgreSQL by URL. Rows grow with
+candidates, never with responses or tokens (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, dt.datetime: DateTime(timezone=True)}
+
+
+class Experiment(Base):
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), index=True)  # pending|running|completed|failed|cancelled
+    config: Mapped[dict[str, Any]]
+    current_round: Mapped[int] = mapped_column(Integer, default=0)
+    current_stage: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    checkpoint: Mapped[str] = mapped_column(Text)  # the checkpoint the next round starts from
+    pool_size: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # which scheduler replica drives this experiment, until when (renewed while it works)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+    rounds: Mapped[list["Round"]] = relationship(back_populates="experiment", order_by="Round.index", cascade="all, delete-orphan")
+
+
+class PoolProblem(Base):
+    """The experiment's candidate pool in round order: chunk r is positions [r*M, (r+1)*M) mod pool size."""
+
+    __tablename__ = "pool_problems"
+    __table_args__ = (UniqueConstraint("experiment_id", "position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    problem_id: Mapped[str] = mapped_column(String(200))
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("experiment_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))  # running|completed|failed
+    checkpoint_in: Mapped[str] = mapped_column(Text)
+    checkpoint_out: Mapped[str | None] = mapped_column(Text, nullable=True)
+    validation_reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    candidate_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    overhead_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+    experiment: Mapped[Experiment] = relationship(back_populates="rounds")
+    stages: Mapped[list["Stage"]] = relationship(back_populates="round", order_by="Stage.id", cascade="all, delete-orphan")
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+    __table_args__ = (UniqueConstraint("round_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20))  # pending|running|succeeded|failed|skipped
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    progress_unit: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+    round: Mapped[Round] = relationship(back_populates="stages")
+
+
+class Candidate(Base):
+    """One candidate problem of one round: rollout aggregates, score and selection."""
+
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("round_id", "problem_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    problem_id: Mapped[str] = mapped_column(String(200))
+    n_responses: Mapped[int] = mapped_column(Integer)
+    accuracy: Mapped[float] = mapped_column(Float)
+    mean_reward: Mapped[float] = mapped_column(Float)
+    mean_response_length: Mapped[float] = mapped_column(Float)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    zero_advantage: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    selected: Mapped[bool] = mapped_column(Boolean, default=False)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class TrainStep(Base):
+    __tablename__ = "train_steps"
+    __table_args__ = (UniqueConstraint("round_id", "step"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        db_path = url.split("///", 1)[1] if "///" in url else ""
+        if db_path and db_path != ":memory:":
+            Path(db_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record):  # foreign keys + WAL for concurrent API reads
+            cur = conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def init_db(engine: Engine) -> None:
+    Base.metadata.create_all(engine)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,115 @@
+"""The service layer behind the API routes: creating, listing and controlling experiments."""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
+from gradalign_common.modeling import check_model_dir
+from services.scheduler.datasets import load_dataset
+from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, TrainStep, utcnow
+from services.scheduler.events import EventBus
+from services.scheduler.schemas import ExperimentCreate
+from services.scheduler.settings import SchedulerSettings
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+class ExperimentService:
+    def __init__(self, settings: SchedulerSettings, sessions: sessionmaker, bus: EventBus):
+        self.settings, self.sessions, self.bus = settings, sessions, bus
+
+    def create(self, body: ExperimentCreate) -> Experiment:
+        """Validate what needs the file system (model, datasets, pool size), then store in one transaction."""
+        try:
+            model_dir = check_model_dir(body.model)
+        except InvalidInputError as exc:
+            raise FieldError("model", str(exc)) from None
+        pool = self._load(body.train_dataset, "train_dataset")
+        self._load(body.val_dataset, "val_dataset")
+        if body.chunk_size > len(pool):
+            raise FieldError("chunk_size", f"chunk_size={body.chunk_size} is larger than the {len(pool)} problems of train_dataset")
+        order = [p.problem_id for p in pool]
+        random.Random(body.seed).shuffle(order)
+        config = body.model_dump()
+        config["model"] = str(model_dir)
+        with self.sessions() as s:
+            exp = Experiment(
+                name=body.name, status="pending", config=config, checkpoint=str(model_dir), pool_size=len(order)
+            )
+            s.add(exp)
+            s.flush()
+            s.add_all(PoolProblem(experiment_id=exp.id, position=i, problem_id=pid) for i, pid in enumerate(order))
+            s.commit()
+        self.bus.publish({"type": "experiment_created", "experiment_id": exp.id})
+        return exp
+
+    def _load(self, ref: str, field: str):
+        try:
+            return load_dataset(ref, self.settings.artifact_root)
+        except InvalidInputError as exc:
+            raise FieldError(field, str(exc)) from None
+
+    def list(self, status: str | None, offset: int, limit: int) -> tuple[list[Experiment], int]:
+        with self.sessions() as s:
+            q = select(Experiment)
+            if status:
+                q = q.where(Experiment.status == status)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            items = s.scalars(q.order_by(Experiment.id.desc()).offset(offset).limit(limit)).all()
+            return list(items), total
+
+    def get(self, exp_id: int) -> Experiment:
+        with self.sessions() as s:
+            exp = s.get(Experiment, exp_id)
+            if exp is None:
+                raise NotFoundError(f"experiment {exp_id} not found")
+            return exp
+
+    def cancel(self, exp_id: int) -> Experiment:
+        with self.sessions() as s:
+            exp = s.get(Experiment, exp_id)
+            if exp is None:
+                raise NotFoundError(f"experiment {exp_id} not found")
+            if exp.status in TERMINAL:
+                raise InvalidInputError(f"experiment {exp_id} is already {exp.status}")
+            exp.status, exp.finished_at, exp.current_stage = "cancelled", utcnow(), None
+            s.commit()
+        self.bus.publish({"type": "experiment_cancelled", "experiment_id": exp_id})
+        return exp
+
+    def rounds(self, exp_id: int) -> list[Round]:
+        self.get(exp_id)
+        with self.sessions() as s:
+            rounds = s.scalars(select(Round).where(Round.experiment_id == exp_id).order_by(Round.index)).all()
+            for r in rounds:
+                r.stages  # load while the session is open
+            return list(rounds)
+
+    def _round(self, s, exp_id: int, index: int) -> Round:
+        rnd = s.scalar(select(Round).where(Round.experiment_id == exp_id, Round.index == index))
+        if rnd is None:
+            raise NotFoundError(f"experiment {exp_id} has no round {index}")
+        return rnd
+
+    def candidates(self, exp_id: int, index: int, selected: bool | None, offset: int, limit: int):
+        self.get(exp_id)
+        with self.sessions() as s:
+            rnd = self._round(s, exp_id, index)
+            q = select(Candidate).where(Candidate.round_id == rnd.id)
+            if selected is not None:
+                q = q.where(Candidate.selected == selected)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            items = s.scalars(
+                q.order_by(Candidate.rank.is_(None), Candidate.rank, Candidate.problem_id).offset(offset).limit(limit)
+            ).all()
+            return list(items), total
+
+    def train_steps(self, exp_id: int, index: int) -> list[TrainStep]:
+        self.get(exp_id)
+        with self.sessions() as s:
+            rnd = self._round(s, exp_id, index)
+            return list(s.scalars(select(TrainStep).where(TrainStep.round_id == rnd.id).order_by(TrainStep.step)).all())

@@ -1,0 +1,522 @@
+"""The orchestrator: drives each experiment as a durable state machine.
+
+round -> rollout_train -> rollout_val -> score -> select -> train -> next round.
+Every transition is committed before the next request goes out; a stage's results and
+its "succeeded" mark are committed in one transaction, so a scheduler killed at any
+moment repeats at most the stage that was in flight, and the workers' idempotency (same
+request id, same deterministic output path, atomic writes) makes the repeat harmless.
+
+A worker that is unreachable is retried with exponential backoff up to a cap; the
+experiment's status_detail names the service meanwhile. A worker that rejects a request
+fails the experiment with the worker's message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from gradalign_common.artifacts import ArtifactStore
+from gradalign_common.errors import InvalidInputError
+from gradalign_common.logging_setup import get_logger
+from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
+from gradalign_common.records import Problem, ScoreRecord, write_problems
+from gradalign_common.selection import get_mode, select_top
+from services.scheduler.datasets import load_dataset
+from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
+from services.scheduler.events import EventBus
+from services.scheduler.settings import SchedulerSettings
+from services.scheduler import workers
+from services.scheduler.workers import WorkerRejected, WorkerUnavailable
+
+STAGES = ("rollout_train", "rollout_val", "score", "select", "train")
+ACTIVE = ("pending", "running")
+LEASE_SECONDS = 60.0
+
+log = get_logger("gradalign.orchestrator")
+STAGE_SECONDS = Histogram("gradalign_stage_seconds", "Wall time of a stage", ["stage"])
+STAGE_RETRIES = Counter("gradalign_stage_retries_total", "Stage attempts that found a worker unavailable", ["stage", "service"])
+ROUND_OVERHEAD = Gauge("gradalign_round_overhead_seconds", "Fixed overhead of the last finished round", ["experiment"])
+
+
+@dataclass
+class StageContext:
+    """What a stage handler needs; handlers return (result dict, compute seconds)."""
+
+    experiment_id: int
+    config: dict
+    round_index: int
+    checkpoint_in: str
+    round_id: int
+    stage_id: int
+    previous: dict  # stage name -> result of the stages already succeeded in this round
+
+
+class Orchestrator:
+    def __init__(self, settings: SchedulerSettings, sessions: sessionmaker, bus: EventBus):
+        self.settings = settings
+        self.sessions = sessions
+        self.bus = bus
+        self.store = ArtifactStore(settings.artifact_root)
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._not_before: dict[int, float] = {}
+        self._dataset_cache: dict[str, dict[str, Problem]] = {}
+        self._progress_written: dict[int, float] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="orchestrator", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        log.info("orchestrator_started", owner=self.owner)
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # noqa: BLE001 - the loop must survive anything one experiment does
+                log.exception("orchestrator_iteration_failed")
+                worked = False
+            if not worked:
+                self._stop.wait(self.settings.poll_interval_s)
+
+    def run_once(self) -> bool:
+        """Advance every runnable experiment by one step; True when anything happened."""
+        with self.sessions() as s:
+            ids = s.scalars(select(Experiment.id).where(Experiment.status.in_(ACTIVE)).order_by(Experiment.id)).all()
+        worked = False
+        now = time.monotonic()
+        for exp_id in ids:
+            if self._stop.is_set():
+                break
+            if self._not_before.get(exp_id, 0) > now:
+                continue
+            if not self._claim(exp_id):
+                continue
+            worked |= self.step(exp_id)
+        return worked
+
+    # ---- leases ----------------------------------------------------------------------------
+    def _claim(self, exp_id: int) -> bool:
+        """Take or renew this replica's lease on the experiment (atomic UPDATE); False if another holds it."""
+        now = utcnow()
+        with self.sessions() as s:
+            res = s.execute(
+                update(Experiment)
+                .where(
+                    Experiment.id == exp_id,
+                    Experiment.status.in_(ACTIVE),
+                    or_(
+                        Experiment.lease_owner.is_(None),
+                        Experiment.lease_owner == self.owner,
+                        Experiment.lease_expires_at < now,
+                    ),
+                )
+                .values(lease_owner=self.owner, lease_expires_at=now + dt.timedelta(seconds=LEASE_SECONDS))
+                .execution_options(synchronize_session=False)
+            )
+            s.commit()
+            return res.rowcount == 1
+
+    def _renew(self, exp_id: int) -> None:
+        with self.sessions() as s:
+            s.execute(
+                update(Experiment)
+                .where(Experiment.id == exp_id, Experiment.lease_owner == self.owner)
+                .values(lease_expires_at=utcnow() + dt.timedelta(seconds=LEASE_SECONDS))
+                .execution_options(synchronize_session=False)
+            )
+            s.commit()
+
+    def release_all(self) -> None:
+        with self.sessions() as s:
+            s.execute(
+                update(Experiment)
+                .where(Experiment.lease_owner == self.owner)
+                .values(lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            s.commit()
+
+    # ---- the state machine -----------------------------------------------------------------
+    def step(self, exp_id: int) -> bool:
+        """Run the experiment's next stage (or close its round); True when progress was made."""
+        with self.sessions() as s:
+            exp = s.get(Experiment, exp_id)
+            if exp is None or exp.status not in ACTIVE:
+                return False
+            if exp.status == "pending":
+                exp.status, exp.started_at = "running", utcnow()
+            rnd = self._current_round(s, exp)
+            stage = next((st for st in rnd.stages if st.status not in ("succeeded", "skipped")), None)
+            if stage is None:
+                self._finish_round(s, exp, rnd)
+                s.commit()
+                self._publish(exp_id, "round_finished", round=rnd.index, status=exp.status)
+                return True
+            stage.status, stage.attempts, stage.started_at = "running", stage.attempts + 1, utcnow()
+            stage.error = None
+            exp.current_stage = stage.name
+            ctx = StageContext(
+                experiment_id=exp.id,
+                config=dict(exp.config),
+                round_index=rnd.index,
+                checkpoint_in=rnd.checkpoint_in,
+                round_id=rnd.id,
+                stage_id=stage.id,
+                previous={st.name: st.result or {} for st in rnd.stages if st.status == "succeeded"},
+            )
+            stage_name, attempt = stage.name, stage.attempts
+            s.commit()
+        self._publish(exp_id, "stage_started", round=ctx.round_index, stage=stage_name, attempt=attempt)
+        log.info("stage_started", experiment=exp_id, round=ctx.round_index, stage=stage_name, attempt=attempt)
+        handler = getattr(self, f"_stage_{stage_name}")
+        started = time.perf_counter()
+        try:
+            result, compute = handler(ctx)
+        except WorkerUnavailable as exc:
+            self._stage_unavailable(ctx, stage_name, attempt, exc)
+            return True
+        except (WorkerRejected, InvalidInputError) as exc:
+            self._fail(ctx, stage_name, str(exc))
+            return True
+        except Exception as exc:  # noqa: BLE001 - a bug in one stage fails that experiment, not the scheduler
+            log.exception("stage_crashed", experiment=exp_id, stage=stage_name)
+            self._fail(ctx, stage_name, f"{type(exc).__name__}: {exc}")
+            return True
+        wall = time.perf_counter() - started
+        STAGE_SECONDS.labels(stage_name).observe(wall)
+        self._not_before.pop(exp_id, None)
+        with self.sessions() as s:
+            st = s.get(Stage, ctx.stage_id)
+            st.status, st.finished_at, st.result, st.compute_seconds = "succeeded", utcnow(), result, compute
+            exp = s.get(Experiment, exp_id)
+            exp.status_detail = None
+            s.commit()
+        self._publish(exp_id, "stage_finished", round=ctx.round_index, stage=stage_name, seconds=round(wall, 3))
+        return True
+
+    def _current_round(self, s: Session, exp: Experiment) -> Round:
+        rnd = s.scalar(select(Round).where(Round.experiment_id == exp.id, Round.index == exp.current_round))
+        if rnd is None:
+            rnd = Round(experiment_id=exp.id, index=exp.current_round, status="running", checkpoint_in=exp.checkpoint)
+            rnd.stages = [Stage(name=name, status="pending") for name in STAGES]
+            s.add(rnd)
+            s.flush()
+        return rnd
+
+    def _finish_round(self, s: Session, exp: Experiment, rnd: Round) -> None:
+        rnd.status, rnd.finished_at = "completed", utcnow()
+        rnd.compute_seconds = sum(st.compute_seconds for st in rnd.stages)
+        wall = (_aware(rnd.finished_at) - _aware(rnd.started_at)).total_seconds()
+        rnd.overhead_seconds = max(0.0, wall - rnd.compute_seconds)
+        ROUND_OVERHEAD.labels(str(exp.id)).set(rnd.overhead_seconds)
+        exp.checkpoint = rnd.checkpoint_out or exp.checkpoint
+        exp.current_round = rnd.index + 1
+        exp.current_stage = None
+        if exp.current_round >= exp.config["num_selections"]:
+            exp.status, exp.finished_at = "completed", utcnow()
+            exp.lease_owner, exp.lease_expires_at = None, None
+
+    def _stage_unavailable(self, ctx: StageContext, stage_name: str, attempt: int, exc: WorkerUnavailable) -> None:
+        STAGE_RETRIES.labels(stage_name, exc.service).inc()
+        if attempt > self.settings.retry_limit:
+            self._fail(ctx, stage_name, f"gave up after {attempt} attempts: {exc}")
+            return
+        backoff = min(self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2 ** (attempt - 1))
+        self._not_before[ctx.experiment_id] = time.monotonic() + backoff
+        detail = f"waiting for the {exc.service} service at {exc.address} (attempt {attempt}, retry in {backoff:.1f}s): {exc.code.name}"
+        with self.sessions() as s:
+            st = s.get(Stage, ctx.stage_id)
+            st.status, st.error = "pending", str(exc)
+            s.get(Experiment, ctx.experiment_id).status_detail = detail
+            s.commit()
+        log.warning("worker_unavailable", experiment=ctx.experiment_id, stage=stage_name, service=exc.service, address=exc.address, attempt=attempt)
+        self._publish(ctx.experiment_id, "stage_retry", stage=stage_name, detail=detail)
+
+    def _fail(self, ctx: StageContext, stage_name: str, message: str) -> None:
+        with self.sessions() as s:
+            st = s.get(Stage, ctx.stage_id)
+            st.status, st.error, st.finished_at = "failed", message, utcnow()
+            exp = s.get(Experiment, ctx.experiment_id)
+            if exp.status in ACTIVE:
+                exp.status, exp.error, exp.finished_at = "failed", f"{stage_name}: {message}", utcnow()
+            exp.lease_owner, exp.lease_expires_at = None, None
+            s.commit()
+        log.error("experiment_failed", experiment=ctx.experiment_id, stage=stage_name, error=message)
+        self._publish(ctx.experiment_id, "experiment_failed", stage=stage_name, error=message)
+
+    # ---- stages ----------------------------------------------------------------------------
+    def _stage_rollout_train(self, ctx: StageContext) -> tuple[dict, float]:
+        cfg = ctx.config
+        problems = self._chunk_problems(ctx)
+        paths, stats, compute = self._generate(
+            ctx, "rollout_train", problems, n=cfg["n_samples_train"], seed=_stage_seed(cfg, ctx.round_index, 0)
+        )
+        with self.sessions() as s:
+            s.execute(delete(Candidate).where(Candidate.round_id == ctx.round_id))
+            s.add_all(
+                Candidate(
+                    round_id=ctx.round_id,
+                    problem_id=st.problem_id,
+                    n_responses=st.n_responses,
+                    accuracy=st.accuracy,
+                    mean_reward=st.mean_reward,
+                    mean_response_length=st.mean_response_length,
+                )
+                for st in stats
+            )
+            s.get(Round, ctx.round_id).candidate_accuracy = _weighted_accuracy(stats)
+            s.commit()
+        return {"paths": paths, "n_problems": len(problems)}, compute
+
+    def _stage_rollout_val(self, ctx: StageContext) -> tuple[dict, float]:
+        cfg = ctx.config
+        problems = list(self._dataset(cfg["val_dataset"]).values())
+        paths, stats, compute = self._generate(
+            ctx, "rollout_val", problems, n=cfg["n_samples_val"], seed=_stage_seed(cfg, ctx.round_index, 1)
+        )
+        total = sum(st.n_responses for st in stats)
+        reward = sum(st.mean_reward * st.n_responses for st in stats) / total
+        with self.sessions() as s:
+            s.get(Round, ctx.round_id).validation_reward = reward
+            s.commit()
+        return {"paths": paths, "validation_reward": reward, "validation_accuracy": _weighted_accuracy(stats)}, compute
+
+    def _stage_score(self, ctx: StageContext) -> tuple[dict, float]:
+        cfg = ctx.config
+        mode = get_mode(cfg["mode"])
+        candidate_paths = ctx.previous["rollout_train"]["paths"]
+        if mode.name == "align":  # LearnAlign: the validation set is all of the round's candidates
+            validation_paths = candidate_paths
+        else:
+            validation_paths = ctx.previous["rollout_val"]["paths"] if mode.needs_validation else []
+        addresses = self.settings.scoring_addresses
+        shards = [candidate_paths[i :: len(addresses)] for i in range(len(addresses))]
+        jobs = [(i, addresses[i], paths) for i, paths in enumerate(shards) if paths]
+        tracker = _ProgressTracker(self, ctx, "score", len(jobs))
+
+        def run(job):
+            i, address, paths = job
+            request = scoring_pb2.ScoreRequest(
+                request_id=f"{ctx.experiment_id}/{ctx.round_index}/score/{i}",
+                checkpoint=ctx.checkpoint_in,
+                candidate_paths=paths,
+                validation_paths=validation_paths,
+                mode=mode.name,
+                method="exact",
+                dtype="float32",
+                seed=_stage_seed(cfg, ctx.round_index, 2),
+                output_path=str(self.store.scores_path(ctx.experiment_id, ctx.round_index, i)),
+            )
+            return workers.score(address, self.settings.worker_deadline_s, request, tracker.callback(i))
+
+        results = _run_parallel(run, jobs)
+        by_id = {sc.problem_id: sc for scores, _ in results for sc in scores}
+        with self.sessions() as s:
+            rows = s.scalars(select(Candidate).where(Candidate.round_id == ctx.round_id)).all()
+            missing = [c.problem_id for c in rows if c.problem_id not in by_id]
+            if missing:
+                raise WorkerRejected("scoring", ",".join(addresses), _internal(), f"no score for {len(missing)} candidates, e.g. {missing[:3]}")
+            for c in rows:
+                sc = by_id[c.problem_id]
+                c.score, c.zero_advantage, c.selected, c.rank = sc.score, sc.zero_advantage, False, None
+            s.commit()
+        compute = max(summary.compute_seconds for _, summary in results)
+        return {"paths": [summary.output_path for _, summary in results], "n_scored": len(by_id)}, compute
+
+    def _stage_select(self, ctx: StageContext) -> tuple[dict, float]:
+        cfg = ctx.config
+        started = time.perf_counter()
+        n_keep = cfg["chunk_size"] // cfg["k"]
+        with self.sessions() as s:
+            rows = s.scalars(select(Candidate).where(Candidate.round_id == ctx.round_id)).all()
+            records = [
+                ScoreRecord(c.problem_id, c.score, c.accuracy, c.n_responses, bool(c.zero_advantage)) for c in rows
+            ]
+            chosen = select_top(records, get_mode(cfg["mode"]), n_keep)
+            rank = {pid: i for i, pid in enumerate(chosen)}
+            for c in rows:
+                c.selected, c.rank = c.problem_id in rank, rank.get(c.problem_id)
+            pool = self._dataset(cfg["train_dataset"])
+            path = self.store.round_dir(ctx.experiment_id, ctx.round_index) / "select" / "selected.parquet"
+            write_problems(path, [pool[pid] for pid in chosen])
+            s.commit()
+        return {"path": str(path), "selected": chosen}, time.perf_counter() - started
+
+    def _stage_train(self, ctx: StageContext) -> tuple[dict, float]:
+        cfg = ctx.config
+        out = self.store.checkpoint_dir(ctx.experiment_id, ctx.round_index)
+        request = training_pb2.TrainRequest(
+            request_id=f"{ctx.experiment_id}/{ctx.round_index}/train",
+            checkpoint=ctx.checkpoint_in,
+            problems_path=ctx.previous["select"]["path"],
+            output_checkpoint=str(out),
+            hyperparams=training_pb2.TrainHyperparams(
+                steps=cfg["iters_per_select"],
+                batch_size=cfg["train_batch_size"],
+                learning_rate=cfg["learning_rate"],
+                clip_eps=cfg["clip_eps"],
+                kl_coef=cfg["kl_coef"],
+                max_grad_norm=1.0,
+                micro_batch_size=cfg["micro_batch_size"],
+                sampling=workers.sampling_params(
+                    cfg["n_samples_train"], cfg["max_tokens"], cfg["temperature"], cfg["top_p"], _stage_seed(cfg, ctx.round_index, 3)
+                ),
+                seed=_stage_seed(cfg, ctx.round_index, 3),
+            ),
+        )
+        with self.sessions() as s:
+            s.execute(delete(TrainStep).where(TrainStep.round_id == ctx.round_id))
+            s.commit()
+        total = cfg["iters_per_select"]
+
+        def on_step(m: training_pb2.StepMetrics) -> None:
+            metrics = {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields if f.name != "step"}
+            with self.sessions() as s:
+                s.add(TrainStep(round_id=ctx.round_id, step=m.step, metrics=metrics))
+                st = s.get(Stage, ctx.stage_id)
+                st.progress_done, st.progress_total, st.progress_unit = m.step, total, "steps"
+                s.commit()
+            self._renew(ctx.experiment_id)
+            self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage="train", done=m.step, total=total, unit="steps", metrics=metrics)
+
+        result = workers.train(self.settings.trainer_address, self.settings.worker_deadline_s, request, on_step)
+        with self.sessions() as s:
+            s.get(Round, ctx.round_id).checkpoint_out = result.checkpoint
+            s.commit()
+        return {"checkpoint": result.checkpoint, "steps": result.steps}, result.compute_seconds
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _generate(self, ctx: StageContext, stage: str, problems: list[Problem], n: int, seed: int):
+        """Fan a problem list out over the rollout replicas in shards; merge stats in order."""
+        cfg = ctx.config
+        n_shards = min(len(problems), max(len(self.settings.rollout_addresses), len(self.settings.scoring_addresses)))
+        size = -(-len(problems) // n_shards)
+        jobs = []
+        for i in range(n_shards):
+            shard = problems[i * size : (i + 1) * size]
+            if not shard:
+                continue
+            path = self.store.problems_path(ctx.experiment_id, ctx.round_index, stage, i)
+            write_problems(path, shard)
+            address = self.settings.rollout_addresses[i % len(self.settings.rollout_addresses)]
+            jobs.append((i, address, path))
+        tracker = _ProgressTracker(self, ctx, stage, len(jobs))
+
+        def run(job):
+            i, address, path = job
+            request = rollout_pb2.GenerateRequest(
+                request_id=f"{ctx.experiment_id}/{ctx.round_index}/{stage}/{i}",
+                checkpoint=ctx.checkpoint_in,
+                problems_path=str(path),
+                sampling=workers.sampling_params(n, cfg["max_tokens"], cfg["temperature"], cfg["top_p"], seed + i),
+                output_path=str(self.store.rollouts_path(ctx.experiment_id, ctx.round_index, stage, i)),
+            )
+            return workers.generate(address, self.settings.worker_deadline_s, request, tracker.callback(i))
+
+        results = _run_parallel(run, jobs)
+        stats = [st for r in results for st in r.stats]
+        return [r.output_path for r in results], stats, max(r.compute_seconds for r in results)
+
+    def _chunk_problems(self, ctx: StageContext) -> list[Problem]:
+        cfg = ctx.config
+        m = cfg["chunk_size"]
+        with self.sessions() as s:
+            pool_size = s.get(Experiment, ctx.experiment_id).pool_size
+            positions = sorted({(ctx.round_index * m + i) % pool_size for i in range(m)})
+            rows = s.execute(
+                select(PoolProblem.position, PoolProblem.problem_id).where(
+                    PoolProblem.experiment_id == ctx.experiment_id, PoolProblem.position.in_(positions)
+                )
+            ).all()
+        order = {pos: pid for pos, pid in rows}
+        pool = self._dataset(cfg["train_dataset"])
+        ids = [order[(ctx.round_index * m + i) % pool_size] for i in range(m)]
+        return [pool[pid] for pid in dict.fromkeys(ids)]
+
+    def _dataset(self, ref: str) -> dict[str, Problem]:
+        if ref not in self._dataset_cache:
+            self._dataset_cache[ref] = {p.problem_id: p for p in load_dataset(ref, self.settings.artifact_root)}
+        return self._dataset_cache[ref]
+
+    def record_progress(self, ctx: StageContext, stage: str, done: int, total: int, unit: str) -> None:
+        now = time.monotonic()
+        if done < total and now - self._progress_written.get(ctx.stage_id, 0) < 1.0:
+            self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage=stage, done=done, total=total, unit=unit)
+            return
+        self._progress_written[ctx.stage_id] = now
+        with self.sessions() as s:
+            st = s.get(Stage, ctx.stage_id)
+            st.progress_done, st.progress_total, st.progress_unit = done, total, unit
+            s.commit()
+        self._renew(ctx.experiment_id)
+        self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage=stage, done=done, total=total, unit=unit)
+
+    def _publish(self, exp_id: int, kind: str, **fields) -> None:
+        try:
+            self.bus.publish({"type": kind, "experiment_id": exp_id, "time": time.time(), **fields})
+        except Exception:  # noqa: BLE001 - events are best effort; the database is the record
+            log.warning("event_publish_failed", experiment=exp_id, type=kind)
+
+
+class _ProgressTracker:
+    """Sums the progress of a stage's parallel shards and reports it as one figure."""
+
+    def __init__(self, orch: Orchestrator, ctx: StageContext, stage: str, n_jobs: int):
+        self.orch, self.ctx, self.stage = orch, ctx, stage
+        self.done = [0] * max(n_jobs, 1)
+        self.total = [0] * max(n_jobs, 1)
+        self.lock = threading.Lock()
+
+    def callback(self, i: int) -> Callable[[int, int, str], None]:
+        def report(done: int, total: int, unit: str) -> None:
+            with self.lock:
+                self.done[i], self.total[i] = done, total
+                d, t = sum(self.done), sum(self.total)
+            self.orch.record_progress(self.ctx, self.stage, d, t, unit)
+
+        return report
+
+
+def _run_parallel(fn, jobs: list) -> list:
+    if len(jobs) == 1:
+        return [fn(jobs[0])]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def _stage_seed(cfg: dict, round_index: int, stage_offset: int) -> int:
+    return (cfg["seed"] * 1_000_003 + round_index * 101 + stage_offset * 7) % (2**31 - 1)
+
+
+def _weighted_accuracy(stats) -> float | None:
+    total = sum(st.n_responses for st in stats)
+    return sum(st.accuracy * st.n_responses for st in stats) / total if total else None
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _internal():
+    import grpc
+
+    return grpc.StatusCode.INTERNAL

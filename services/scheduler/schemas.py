@@ -1,0 +1,156 @@
+"""Request and response bodies of the scheduler's REST API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from gradalign_common.selection import mode_names
+
+
+class ExperimentCreate(BaseModel):
+    """An experiment: the reference's knobs (shared/seed/) plus a few of the trainer's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="experiment", min_length=1, max_length=200)
+    model: str = Field(min_length=1, description="local Hugging Face model directory of the starting checkpoint")
+    train_dataset: str = Field(min_length=1, description="built-in name (arith-train) or a local .jsonl/.parquet file")
+    val_dataset: str = Field(min_length=1, description="built-in name (arith-val) or a local .jsonl/.parquet file")
+    chunk_size: int = Field(ge=1, description="M: candidate problems per round")
+    k: int = Field(ge=1, description="keep M/k candidates per round")
+    mode: str = Field(default="sim", description="selection mode")
+    num_selections: int = Field(ge=1, le=100_000, description="rounds")
+    train_batch_size: int = Field(ge=1, description="problems per GRPO step")
+    iters_per_select: int = Field(ge=1, description="GRPO steps per round")
+    n_samples_train: int = Field(default=8, ge=1, le=4096, description="k_r: responses per candidate")
+    n_samples_val: int = Field(default=8, ge=1, le=4096, description="k_v: responses per validation problem")
+    max_tokens: int = Field(default=8, ge=1, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    clip_eps: float = Field(default=0.2, gt=0.0, le=1.0)
+    kl_coef: float = Field(default=0.0, ge=0.0)
+    micro_batch_size: int = Field(default=64, ge=1)
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        if v not in mode_names():
+            raise ValueError(f"unknown mode {v!r}; choose one of {', '.join(mode_names())}")
+        return v
+
+    @field_validator("k")
+    @classmethod
+    def _k_fits_chunk(cls, v: int, info: ValidationInfo) -> int:
+        m = info.data.get("chunk_size")
+        if m is not None and v > m:
+            raise ValueError(f"k={v} keeps fewer than one of chunk_size={m} candidates per round")
+        return v
+
+    @field_validator("train_batch_size")
+    @classmethod
+    def _batch_fits_selection(cls, v: int, info: ValidationInfo) -> int:
+        m, k = info.data.get("chunk_size"), info.data.get("k")
+        if m is not None and k is not None and v > m // k:
+            raise ValueError(f"train_batch_size={v} is larger than the {m // k} problems selected per round (chunk_size/k)")
+        return v
+
+    @field_validator("iters_per_select")
+    @classmethod
+    def _reference_constraint(cls, v: int, info: ValidationInfo) -> int:
+        m, k, b = info.data.get("chunk_size"), info.data.get("k"), info.data.get("train_batch_size")
+        if None not in (m, k, b) and (k * b * v) % m != 0:
+            raise ValueError(
+                f"(k * train_batch_size * iters_per_select) % chunk_size must be 0; got ({k} * {b} * {v}) % {m} = {(k * b * v) % m}"
+            )
+        return v
+
+
+class StageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    status: str
+    attempts: int
+    error: str | None
+    progress_done: int
+    progress_total: int
+    progress_unit: str | None
+    compute_seconds: float
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class RoundOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int
+    status: str
+    checkpoint_in: str
+    checkpoint_out: str | None
+    validation_reward: float | None
+    candidate_accuracy: float | None
+    compute_seconds: float
+    overhead_seconds: float | None
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    stages: list[StageOut]
+
+
+class ExperimentOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    status: str
+    config: dict[str, Any]
+    current_round: int
+    current_stage: str | None
+    checkpoint: str
+    pool_size: int
+    error: str | None
+    status_detail: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class ExperimentList(BaseModel):
+    items: list[ExperimentOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class CandidateOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    problem_id: str
+    n_responses: int
+    accuracy: float
+    mean_reward: float
+    mean_response_length: float
+    score: float | None
+    zero_advantage: bool | None
+    selected: bool
+    rank: int | None
+
+
+class CandidateList(BaseModel):
+    round: int
+    items: list[CandidateOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class TrainStepOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    metrics: dict[str, Any]

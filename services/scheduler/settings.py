@@ -1,0 +1,30 @@
+"""Settings of the scheduler (env prefix GRADALIGN_SCHEDULER_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gradalign_common.settings import DEFAULT_HOME
+
+
+class SchedulerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADALIGN_SCHEDULER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    database_url: str = f"sqlite:///{DEFAULT_HOME / 'scheduler.db'}"
+    redis_url: str | None = Field(default=None, description="Redis for live events; None: in-process bus")
+    artifact_root: Path = DEFAULT_HOME / "artifacts"
+    rollout_addresses: list[str] = ["127.0.0.1:50051"]
+    scoring_addresses: list[str] = ["127.0.0.1:50052"]
+    trainer_address: str = "127.0.0.1:50053"
+    worker_deadline_s: float = Field(default=3600.0, gt=0, description="deadline of one worker call")
+    retry_limit: int = Field(default=20, ge=0, description="retries of a stage whose worker is unavailable")
+    retry_backoff_s: float = Field(default=1.0, ge=0, description="first backoff; doubles up to retry_backoff_max_s")
+    retry_backoff_max_s: float = Field(default=30.0, ge=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    run_orchestrator: bool = True
+    log_level: str = "INFO"

@@ -1,0 +1,89 @@
+"""The `gradalign score` command: score candidate rollouts from local files, write scores as JSONL.
+
+Bad input (a missing file, a malformed record, an unknown mode or method, a missing
+--validation, a directory that is not a model) prints a message on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from tqdm import tqdm
+
+from gradalign_common.errors import InvalidInputError
+from gradalign_common.modeling import check_model_dir, parse_dtype
+from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
+from gradalign_common.selection import get_mode, mode_names
+from services.scoring.engine import (
+    METHODS,
+    ScoringEngine,
+    check_method,
+    parse_device,
+    score_without_gradients,
+)
+
+BAD_INPUT_EXIT_CODE = 2
+
+
+def score_command(
+    model: Path = typer.Option(..., "--model", help="Hugging Face model directory (the current policy)."),
+    candidates: Path = typer.Option(..., "--candidates", help="Candidate rollouts (JSONL or parquet)."),
+    validation: Optional[Path] = typer.Option(
+        None, "--validation", help="Validation rollouts (JSONL or parquet); needed by sim, dot, simacc, negsim."
+    ),
+    mode: str = typer.Option(..., "--mode", help=f"Selection mode: {', '.join(mode_names())}."),
+    method: str = typer.Option("exact", "--method", help=f"Scoring method: {', '.join(METHODS)}."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, float64, bfloat16, float16."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the rand mode."),
+    out: Path = typer.Option(..., "--out", help="Where to write the scores (JSONL, one line per candidate problem)."),
+) -> None:
+    """Score candidate problems by gradient alignment (shared/spec/gradalign-score.md) and write JSONL."""
+    try:
+        scores = _score(model, candidates, validation, mode, method, dtype, device, seed)
+    except InvalidInputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
+    write_scores_jsonl(out, scores)
+    typer.echo(f"wrote {len(scores)} scores to {out}", err=True)
+
+
+def _score(
+    model: Path,
+    candidates_path: Path,
+    validation_path: Optional[Path],
+    mode_name: str,
+    method: str,
+    dtype_name: str,
+    device: str,
+    seed: int,
+) -> list[ScoreRecord]:
+    """Check the arguments, read the rollouts and score them; InvalidInputError on bad input."""
+    mode = get_mode(mode_name)
+    check_method(method)
+    dtype = parse_dtype(dtype_name)
+    parse_device(device)
+    check_model_dir(model)
+    if mode.needs_validation and validation_path is None:
+        raise InvalidInputError(f"mode {mode.name!r} needs --validation")
+    candidates = read_rollouts(candidates_path)
+    if not mode.needs_gradients:
+        return score_without_gradients(candidates, mode, seed)
+    validation = read_rollouts(validation_path) if mode.needs_validation else None
+    engine = ScoringEngine.from_pretrained(model, device=device, dtype=dtype)
+    g_v = None
+    if validation is not None:
+        with _progress_bar(len(group_rollouts(validation)), "validation gradient") as bar:
+            g_v = engine.validation_gradient(validation, progress=lambda done, total: bar.update(1))
+    with _progress_bar(len(group_rollouts(candidates)), f"scoring ({mode.name})") as bar:
+        scores = engine.score(
+            candidates, mode, validation_gradient=g_v, seed=seed, progress=lambda done, total: bar.update(1)
+        )
+        return list(scores)
+
+
+def _progress_bar(total: int, description: str) -> tqdm:
+    return tqdm(total=total, unit="group", desc=description, file=sys.stderr)

@@ -1,0 +1,201 @@
+"""The gRPC ScoringService: Score(ScoreRequest) -> stream of ScoreEvent (protos/gradalign/v1/scoring.proto).
+
+The service keeps one model loaded and swaps it only when a request names a different
+checkpoint (its path, or the mtime of its config or weights, changed). It caches the
+last validation gradient, keyed on (checkpoint, dtype, validation files and their mtimes).
+Requests that need the model run one at a time.
+
+For align (validation = the candidates' own rollouts) a sharded round passes every
+shard's candidate files as validation_paths, so each shard uses the whole round's g_V
+and sharded scores equal single-replica ones; without validation_paths the request's
+own candidates form g_V.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health
+
+from gradalign_common.errors import InvalidInputError, NotFoundError
+from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled
+from gradalign_common.logging_setup import configure_logging, get_logger
+from gradalign_common.pb import common_pb2, scoring_pb2, scoring_pb2_grpc
+from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
+from gradalign_common.selection import get_mode
+from gradalign_common.modeling import checkpoint_fingerprint, parse_dtype
+from gradalign_common.selection import ValidationSource
+from services.scoring.engine import ScoringEngine, check_method, score_without_gradients
+from services.scoring.settings import ScoringSettings
+
+SERVICE_NAME = "gradalign.v1.ScoringService"
+PROGRESS_UNIT = "groups"
+
+log = get_logger("gradalign.scoring")
+
+
+FileStamp = tuple[str, int, int]  # (resolved path, mtime_ns, size)
+
+
+def _stamp(path: Path) -> FileStamp:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def rollout_files_fingerprint(paths: Sequence[str]) -> tuple[FileStamp, ...]:
+    """Identifies a list of rollout files' contents by path, mtime and size (in the given order)."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise NotFoundError(f"rollout file not found: {missing[0]}")
+    return tuple(_stamp(Path(p)) for p in paths)
+
+
+def read_all_rollouts(paths: Sequence[str], what: str) -> list[RolloutRecord]:
+    """The records of every file in `paths`, concatenated in order."""
+    if not paths:
+        raise InvalidInputError(f"no {what} paths given")
+    records: list[RolloutRecord] = []
+    for path in paths:
+        records.extend(read_rollouts(path))
+    return records
+
+
+@dataclass
+class _LoadedModel:
+    fingerprint: tuple
+    engine: ScoringEngine
+
+
+@dataclass
+class _CachedValidationGradient:
+    key: tuple
+    gradient: torch.Tensor
+
+
+class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
+    """Implements gradalign.v1.ScoringService."""
+
+    def __init__(self, settings: ScoringSettings):
+        self.settings = settings
+        self._lock = threading.Lock()  # one model-using request at a time
+        self._loaded: _LoadedModel | None = None
+        self._validation_cache: _CachedValidationGradient | None = None
+
+    @rpc_errors("scoring")
+    def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext) -> Iterator[scoring_pb2.ScoreEvent]:
+        started = time.perf_counter()
+        mode = get_mode(request.mode)
+        check_method(request.method or "exact")
+        dtype = parse_dtype(request.dtype or self.settings.dtype)
+        if mode.needs_gradients and not request.checkpoint:
+            raise InvalidInputError(f"mode {mode.name!r} needs a checkpoint")
+        if mode.needs_validation and not request.validation_paths:
+            raise InvalidInputError(f"mode {mode.name!r} needs validation_paths")
+        candidates = read_all_rollouts(request.candidate_paths, "candidate")
+        total = len(group_rollouts(candidates))
+        yield _progress_event(0, total)
+
+        scores: list[ScoreRecord] = []
+        cached = False
+        if not mode.needs_gradients:
+            for record in score_without_gradients(candidates, mode, request.seed):
+                scores.append(record)
+                yield _score_event(record)
+                yield _progress_event(len(scores), total)
+        else:
+            with self._lock:
+                engine = self._engine(request.checkpoint, dtype)
+                g_v = None
+                if mode.needs_validation or (
+                    mode.validation is ValidationSource.CANDIDATES and request.validation_paths
+                ):
+                    g_v, cached = self._validation_gradient(request.validation_paths)
+                for record in engine.score(candidates, mode, validation_gradient=g_v, seed=request.seed):
+                    scores.append(record)
+                    yield _score_event(record)
+                    yield _progress_event(len(scores), total)
+
+        if request.output_path:
+            write_scores_jsonl(request.output_path, scores)
+        seconds = time.perf_counter() - started
+        log.info("scored", request_id=request.request_id, mode=mode.name, n_problems=len(scores),
+                 seconds=round(seconds, 3), validation_gradient_cached=cached)
+        yield scoring_pb2.ScoreEvent(
+            summary=scoring_pb2.ScoreSummary(
+                output_path=request.output_path,
+                n_problems=len(scores),
+                compute_seconds=seconds,
+                validation_gradient_cached=cached,
+            )
+        )
+
+    def _engine(self, checkpoint: str, dtype: torch.dtype) -> ScoringEngine:
+        """The loaded engine, reloaded if the checkpoint (or its files, or the dtype) changed."""
+        fingerprint = (checkpoint_fingerprint(checkpoint), dtype)
+        if self._loaded is None or self._loaded.fingerprint != fingerprint:
+            self._loaded = None
+            self._validation_cache = None
+            log.info("loading_checkpoint", checkpoint=checkpoint, dtype=str(dtype))
+            engine = ScoringEngine.from_pretrained(checkpoint, device=self.settings.device, dtype=dtype)
+            self._loaded = _LoadedModel(fingerprint, engine)
+        return self._loaded.engine
+
+    def _validation_gradient(self, paths: Sequence[str]) -> tuple[torch.Tensor, bool]:
+        """(g_V, whether it came from the cache) of the loaded model for the validation rollouts in `paths`."""
+        assert self._loaded is not None, "load the checkpoint first"
+        key = (self._loaded.fingerprint, rollout_files_fingerprint(paths))
+        if self._validation_cache is not None and self._validation_cache.key == key:
+            return self._validation_cache.gradient, True
+        self._validation_cache = None
+        gradient = self._loaded.engine.validation_gradient(read_all_rollouts(paths, "validation"))
+        self._validation_cache = _CachedValidationGradient(key, gradient)
+        return gradient, False
+
+
+def _progress_event(done: int, total: int) -> scoring_pb2.ScoreEvent:
+    return scoring_pb2.ScoreEvent(progress=common_pb2.Progress(done=done, total=total, unit=PROGRESS_UNIT))
+
+
+def _score_event(record: ScoreRecord) -> scoring_pb2.ScoreEvent:
+    return scoring_pb2.ScoreEvent(
+        score=scoring_pb2.ProblemScore(
+            problem_id=record.problem_id,
+            score=record.score,
+            accuracy=record.accuracy,
+            n_responses=record.n_responses,
+            zero_advantage=record.zero_advantage,
+        )
+    )
+
+
+def start_server(settings: ScoringSettings) -> tuple[grpc.Server, health.HealthServicer, int]:
+    """Build and start a server with the ScoringService and health service; returns (server, health, bound port)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    server, health_servicer, port = build_server(settings.host, settings.port, [SERVICE_NAME])
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(settings), server)
+    server.start()
+    mark_serving(health_servicer, [SERVICE_NAME])
+    return server, health_servicer, port
+
+
+def serve(settings: ScoringSettings) -> None:
+    """Run the scoring service until SIGTERM/SIGINT."""
+    logger = configure_logging("scoring", settings.log_level)
+    server, health_servicer, port = start_server(settings)
+    logger.info("serving", service=SERVICE_NAME, host=settings.host, port=port)
+    run_until_signalled(server, health_servicer, settings.metrics_host, settings.metrics_port)
+
+
+def main() -> None:
+    serve(ScoringSettings())
+
+
+if __name__ == "__main__":
+    main()

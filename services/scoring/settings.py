@@ -1,0 +1,17 @@
+"""Settings of the scoring service, from GRADALIGN_SCORING_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from gradalign_common.settings import WorkerSettings
+
+
+class ScoringSettings(WorkerSettings):
+    """The scoring worker's settings: the common worker settings, port 50052, and the default model dtype."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADALIGN_SCORING_", extra="ignore")
+
+    port: int = Field(default=50052, ge=0, le=65535)
+    dtype: str = Field(default="float32", description="model dtype when a request names none")

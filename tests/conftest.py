@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny warm-started model (built once per session) and database URLs.
+
+PostgreSQL and Redis tests run whenever GRADALIGN_TEST_DATABASE_URL / GRADALIGN_TEST_REDIS_URL
+are set (.ci/run sets them and fails if the servers are down).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gradalign_common.tiny_model import TinyModelSpec, build_and_save
+
+ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The warm-started tiny arithmetic model as a HF directory (built once per test session)."""
+    out = tmp_path_factory.mktemp("models") / "tiny-arith"
+    return build_and_save(out, TinyModelSpec(warmup_steps=300))
+
+
+def _database_urls() -> list:
+    urls = [pytest.param("sqlite", id="sqlite")]
+    pg = os.environ.get("GRADALIGN_TEST_DATABASE_URL")
+    urls.append(pytest.param(pg, id="postgresql") if pg else pytest.param(None, id="postgresql", marks=pytest.mark.skip(reason="GRADALIGN_TEST_DATABASE_URL not set")))
+    return urls
+
+
+@pytest.fixture(params=_database_urls())
+def database_url(request, tmp_path) -> str:
+    """A clean database: a fresh SQLite file, or the test PostgreSQL with our tables dropped."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'scheduler.db'}"
+    from sqlalchemy import create_engine
+
+    from services.scheduler.db import Base
+
+    engine = create_engine(request.param)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    return request.param
+
+
+@pytest.fixture
+def redis_url() -> str:
+    url = os.environ.get("GRADALIGN_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("GRADALIGN_TEST_REDIS_URL not set")
+    return url

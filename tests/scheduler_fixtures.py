@@ -1,0 +1,39 @@
+"""Helpers for scheduler tests: settings over a temp home, a valid experiment body."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.scheduler.settings import SchedulerSettings
+
+
+def make_settings(tmp_path: Path, database_url: str, **overrides) -> SchedulerSettings:
+    values = dict(
+        database_url=database_url,
+        artifact_root=tmp_path / "artifacts",
+        run_orchestrator=False,
+        poll_interval_s=0.05,
+    )
+    values.update(overrides)
+    return SchedulerSettings(**values)
+
+
+def experiment_body(model_dir: Path, **overrides) -> dict:
+    body = {
+        "name": "t",
+        "model": str(model_dir),
+        "train_dataset": "arith-train",
+        "val_dataset": "arith-val",
+        "chunk_size": 16,
+        "k": 4,
+        "mode": "sim",
+        "num_selections": 2,
+        "train_batch_size": 4,
+        "iters_per_select": 1,
+        "n_samples_train": 4,
+        "n_samples_val": 4,
+        "max_tokens": 4,
+        "seed": 0,
+    }
+    body.update(overrides)
+    return body

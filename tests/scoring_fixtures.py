@@ -1,0 +1,162 @@
+"""Shared test helpers for the scoring tests: a tiny random Qwen2 model, random rollouts, and an
+independent plain-autograd computation of the spec's scores (shared/spec/gradalign-score.md).
+
+Import what a test needs with `from scoring_fixtures import ...`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from gradalign_common.records import RolloutRecord
+
+VOCAB_SIZE = 32
+
+
+def tiny_qwen2(seed: int = 0) -> transformers.Qwen2ForCausalLM:
+    """A tiny random Qwen2 causal LM with tied embeddings."""
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+def save_tiny_qwen2(directory: Path, seed: int = 0) -> Path:
+    tiny_qwen2(seed).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Qwen2 model directory, shared by the tests of a session."""
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+def random_rollouts(seed: int, n_problems: int, prefix: str = "p") -> list[RolloutRecord]:
+    """Random rollouts, records of a problem interleaved with others'.
+
+    Groups have 1 to 4 responses with uneven prompt and response lengths; problem 0 is a
+    zero-advantage group (all correct), problem 1 a group of one (also zero advantage),
+    and the others have mixed 0/1 or fractional rewards.
+    """
+    rng = random.Random(seed)
+    records = []
+    for i in range(n_problems):
+        pid = f"{prefix}{i:02d}"
+        if i == 0:
+            rewards = [1.0, 1.0, 1.0]
+        elif i == 1:
+            rewards = [rng.choice([0.0, 1.0])]
+        elif i % 3 == 0:
+            rewards = [round(rng.random(), 3) for _ in range(rng.randint(2, 4))]
+        else:
+            n = rng.randint(2, 4)
+            rewards = [1.0] + [0.0] + [rng.choice([0.0, 1.0]) for _ in range(n - 2)]
+        prompt_len = rng.randint(1, 6)
+        prompt = tuple(rng.randrange(VOCAB_SIZE) for _ in range(prompt_len))
+        for reward in rewards:
+            response = tuple(rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 7)))
+            records.append(RolloutRecord(problem_id=pid, prompt_ids=prompt, response_ids=response, reward=reward))
+    rng.shuffle(records)
+    return records
+
+
+# An independent computation of the spec, one response at a time without padding.
+
+
+def reference_advantages(rewards: list[float]) -> list[float]:
+    n = len(rewards)
+    if n == 1:
+        return [0.0]
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+    return [(r - mean) / (std + 1e-6) for r in rewards]
+
+
+def _groups(rollouts: list[RolloutRecord]) -> dict[str, list[RolloutRecord]]:
+    groups: dict[str, list[RolloutRecord]] = {}
+    for r in rollouts:
+        groups.setdefault(r.problem_id, []).append(r)
+    return groups
+
+
+class ReferenceScorer:
+    """The spec's losses and gradients with plain autograd on a float64 copy of a model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = copy.deepcopy(model).double().eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _summed_log_prob(self, record: RolloutRecord) -> torch.Tensor:
+        ids = torch.tensor([list(record.prompt_ids) + list(record.response_ids)])
+        logits = self.model(input_ids=ids).logits[0]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        start = len(record.prompt_ids)
+        return sum(log_probs[start + t - 1, tok] for t, tok in enumerate(record.response_ids))
+
+    def _flat_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)])
+
+    def _loss(self, groups: list[list[RolloutRecord]]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        n_tokens = 0
+        for group in groups:
+            for record, adv in zip(group, reference_advantages([r.reward for r in group])):
+                n_tokens += len(record.response_ids)
+                if adv != 0.0:
+                    total = total - adv * self._summed_log_prob(record)
+        return total / n_tokens
+
+    def validation_gradient(self, validation: list[RolloutRecord]) -> torch.Tensor:
+        g = self._flat_grad(self._loss(list(_groups(validation).values())))
+        return g / g.norm()
+
+    def scores(self, candidates: list[RolloutRecord], validation: list[RolloutRecord]) -> dict[str, dict]:
+        """Per problem: cosine, dot, accuracy, zero_advantage, n_responses."""
+        g_v = self.validation_gradient(validation)
+        out = {}
+        for pid, group in _groups(candidates).items():
+            rewards = [r.reward for r in group]
+            zero = all(abs(a) < 1e-6 for a in reference_advantages(rewards))
+            cosine = dot = 0.0
+            if not zero:
+                g = self._flat_grad(self._loss([group]))
+                dot = float(g @ g_v)
+                cosine = dot / float(g.norm())
+            out[pid] = {
+                "cosine": cosine,
+                "dot": dot,
+                "accuracy": sum(r > 0.5 for r in rewards) / len(rewards),
+                "zero_advantage": zero,
+                "n_responses": len(group),
+            }
+        return out
+
+
+def expected_score(mode: str, ref: dict) -> float:
+    """A mode's score from a reference entry, as the spec and the registry define it."""
+    acc = ref["accuracy"]
+    return {
+        "sim": ref["cosine"],
+        "align": ref["cosine"],
+        "negsim": ref["cosine"],
+        "dot": ref["dot"],
+        "simacc": ref["cosine"] * 4 * acc * (1 - acc),
+        "accgreedy": abs(acc - 0.5),
+    }[mode]

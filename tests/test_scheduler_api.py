@@ -1,0 +1,119 @@
+"""REST API round trips and validation, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.scheduler.app import create_app
+from scheduler_fixtures import experiment_body, make_settings
+
+
+@pytest.fixture
+def client(tmp_path, database_url):
+    app = create_app(make_settings(tmp_path, database_url))
+    with TestClient(app) as c:
+        yield c
+
+
+def _field_of_422(resp) -> list[str]:
+    assert resp.status_code == 422, resp.text
+    return [str(d["loc"][-1]) for d in resp.json()["detail"]]
+
+
+def test_create_get_list_cancel(client, tiny_model_dir):
+    resp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir))
+    assert resp.status_code == 201, resp.text
+    exp = resp.json()
+    assert exp["status"] == "pending" and exp["pool_size"] == 512 and exp["checkpoint"] == str(tiny_model_dir.resolve())
+
+    got = client.get(f"/api/v1/experiments/{exp['id']}").json()
+    assert got["id"] == exp["id"] and got["config"]["chunk_size"] == 16
+
+    listing = client.get("/api/v1/experiments", params={"status": "pending"}).json()
+    assert listing["total"] == 1 and listing["items"][0]["id"] == exp["id"]
+    assert client.get("/api/v1/experiments", params={"status": "running"}).json()["total"] == 0
+
+    cancelled = client.post(f"/api/v1/experiments/{exp['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert client.post(f"/api/v1/experiments/{exp['id']}/cancel").status_code == 409
+    assert client.get(f"/api/v1/experiments/{exp['id']}/rounds").json() == []
+
+
+def test_unknown_experiment_is_404(client):
+    assert client.get("/api/v1/experiments/999").status_code == 404
+    assert client.get("/api/v1/experiments/999/rounds").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"k": 32}, "k"),
+        ({"mode": "bogus"}, "mode"),
+        ({"iters_per_select": 3, "chunk_size": 16, "k": 2, "train_batch_size": 3}, "iters_per_select"),
+        ({"train_batch_size": 5}, "train_batch_size"),
+        ({"temperature": -1}, "temperature"),
+        ({"n_samples_train": 0}, "n_samples_train"),
+        ({"unknown_knob": 1}, "unknown_knob"),
+    ],
+)
+def test_invalid_fields_are_422_naming_the_field(client, tiny_model_dir, overrides, field):
+    resp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, **overrides))
+    assert field in _field_of_422(resp)
+    assert client.get("/api/v1/experiments").json()["total"] == 0  # nothing stored
+
+
+def test_missing_field_is_422(client, tiny_model_dir):
+    body = experiment_body(tiny_model_dir)
+    del body["chunk_size"]
+    assert "chunk_size" in _field_of_422(client.post("/api/v1/experiments", json=body))
+
+
+def test_bad_model_path_is_422(client, tmp_path, tiny_model_dir):
+    assert "model" in _field_of_422(client.post("/api/v1/experiments", json=experiment_body(tmp_path / "nope")))
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    resp = client.post("/api/v1/experiments", json=experiment_body(not_a_model))
+    assert "model" in _field_of_422(resp)
+    assert "config.json" in resp.json()["detail"][0]["msg"]
+
+
+def test_bad_datasets_are_422(client, tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    resp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, train_dataset=str(empty)))
+    assert "train_dataset" in _field_of_422(resp) and "empty" in resp.json()["detail"][0]["msg"]
+
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text(json.dumps({"prompt": "1+1=", "data_source": "arith"}) + "\n{not json\n")
+    resp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, val_dataset=str(malformed)))
+    assert "val_dataset" in _field_of_422(resp) and "reward_model.ground_truth" in resp.json()["detail"][0]["msg"]
+
+    missing = tmp_path / "missing.parquet"
+    assert "train_dataset" in _field_of_422(
+        client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, train_dataset=str(missing)))
+    )
+    assert client.get("/api/v1/experiments").json()["total"] == 0
+
+
+def test_chunk_larger_than_pool_is_422(client, tmp_path, tiny_model_dir):
+    small = tmp_path / "small.jsonl"
+    small.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i}+1=", "data_source": "arith", "reward_model": {"ground_truth": str(i + 1)}}) + "\n"
+            for i in range(8)
+        )
+    )
+    resp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, train_dataset=str(small)))
+    assert "chunk_size" in _field_of_422(resp)
+
+
+def test_health_and_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 503  # no workers running
+    assert ready.json()["checks"]["database"] is True
+    assert "gradalign_stage_seconds" in client.get("/metrics").text

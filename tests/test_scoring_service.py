@@ -1,0 +1,138 @@
+"""The gRPC ScoringService, started in-process on a free port and called through its stub."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from gradalign_common.grpc_utils import channel
+from gradalign_common.pb import scoring_pb2, scoring_pb2_grpc
+from gradalign_common.records import read_scores_jsonl, write_rollouts, write_rollouts_jsonl
+from services.scoring.engine import ScoringEngine
+from services.scoring.server import PROGRESS_UNIT, start_server
+from services.scoring.settings import ScoringSettings
+from scoring_fixtures import random_rollouts, save_tiny_qwen2, tiny_model_dir  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def stub():
+    server, _, port = start_server(ScoringSettings(host="127.0.0.1", port=0))
+    with channel(f"127.0.0.1:{port}") as ch:
+        yield scoring_pb2_grpc.ScoringServiceStub(ch)
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two parquet candidate shards (disjoint problems) and a JSONL validation file."""
+    root = tmp_path_factory.mktemp("rollouts")
+    candidates = random_rollouts(seed=1, n_problems=8, prefix="c")
+    pids = sorted({r.problem_id for r in candidates})
+    shard_a = [r for r in candidates if r.problem_id in pids[:4]]
+    shard_b = [r for r in candidates if r.problem_id in pids[4:]]
+    validation = random_rollouts(seed=2, n_problems=5, prefix="v")
+    return {
+        "candidates": candidates,
+        "validation": validation,
+        "shard_a": str(write_rollouts(root / "shard-a.parquet", shard_a)),
+        "shard_b": str(write_rollouts(root / "shard-b.parquet", shard_b)),
+        "validation_path": str(write_rollouts_jsonl(root / "validation.jsonl", validation)),
+    }
+
+
+def _score(stub, **fields) -> tuple[list, list, scoring_pb2.ScoreSummary]:
+    """(progress events, score events, summary) of one Score call."""
+    progress, scores, summaries = [], [], []
+    for event in stub.Score(scoring_pb2.ScoreRequest(**fields), timeout=60):
+        kind = event.WhichOneof("event")
+        {"progress": progress, "score": scores, "summary": summaries}[kind].append(getattr(event, kind))
+    assert len(summaries) == 1
+    return progress, scores, summaries[0]
+
+
+def test_sim_scores_match_the_engine_and_shards_match_one_request(stub, data, tiny_model_dir, tmp_path):
+    common = dict(checkpoint=str(tiny_model_dir), validation_paths=[data["validation_path"]], mode="sim")
+    out = tmp_path / "scores.jsonl"
+    progress, whole, summary = _score(
+        stub, candidate_paths=[data["shard_a"], data["shard_b"]], output_path=str(out), **common
+    )
+    assert summary.n_problems == len(whole) == 8
+    assert summary.output_path == str(out)
+    assert [(p.done, p.total, p.unit) for p in progress] == [(i, 8, PROGRESS_UNIT) for i in range(9)]
+    assert [(s.problem_id, s.score) for s in read_scores_jsonl(out)] == [(s.problem_id, s.score) for s in whole]
+
+    _, part_a, summary_a = _score(stub, candidate_paths=[data["shard_a"]], **common)
+    _, part_b, summary_b = _score(stub, candidate_paths=[data["shard_b"]], **common)
+    assert summary_a.validation_gradient_cached and summary_b.validation_gradient_cached
+    assert {s.problem_id: s.score for s in part_a + part_b} == pytest.approx({s.problem_id: s.score for s in whole}, abs=1e-9)
+
+    engine = ScoringEngine.from_pretrained(tiny_model_dir)
+    expected = {s.problem_id: s for s in engine.score(data["candidates"], "sim", data["validation"])}
+    for s in whole:
+        e = expected[s.problem_id]
+        assert s.score == pytest.approx(e.score, abs=1e-7)
+        assert (s.accuracy, s.n_responses, s.zero_advantage) == (e.accuracy, e.n_responses, e.zero_advantage)
+
+
+def test_align_shards_with_the_rounds_candidates_as_validation_match_one_request(stub, data, tiny_model_dir):
+    both = [data["shard_a"], data["shard_b"]]
+    _, whole, _ = _score(stub, checkpoint=str(tiny_model_dir), candidate_paths=both, mode="align")
+    parts = []
+    for shard in both:
+        _, part, _ = _score(stub, checkpoint=str(tiny_model_dir), candidate_paths=[shard], validation_paths=both, mode="align")
+        parts += part
+    assert {s.problem_id: s.score for s in parts} == pytest.approx({s.problem_id: s.score for s in whole}, abs=1e-7)
+    _, alone, _ = _score(stub, checkpoint=str(tiny_model_dir), candidate_paths=[data["shard_a"]], mode="align")
+    assert {s.problem_id: s.score for s in alone} != pytest.approx({s.problem_id: s.score for s in whole if s.problem_id in {a.problem_id for a in alone}}, abs=1e-7)
+
+
+def test_rand_shards_match_one_request(stub, data):
+    _, whole, _ = _score(stub, candidate_paths=[data["shard_a"], data["shard_b"]], mode="rand", seed=3)
+    _, a, _ = _score(stub, candidate_paths=[data["shard_a"]], mode="rand", seed=3)
+    _, b, _ = _score(stub, candidate_paths=[data["shard_b"]], mode="rand", seed=3)
+    assert {s.problem_id: s.score for s in a + b} == {s.problem_id: s.score for s in whole}
+
+
+def test_a_different_checkpoint_is_loaded_and_invalidates_the_cache(stub, data, tiny_model_dir, tmp_path):
+    other = save_tiny_qwen2(tmp_path / "other", seed=1)
+    common = dict(candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]], mode="dot")
+    _, first, _ = _score(stub, checkpoint=str(tiny_model_dir), **common)
+    _, second, summary = _score(stub, checkpoint=str(other), **common)
+    assert not summary.validation_gradient_cached
+    assert [s.score for s in first] != [s.score for s in second]
+
+
+def test_modes_without_gradients_need_no_checkpoint(stub, data):
+    _, scores, summary = _score(stub, candidate_paths=[data["shard_a"], data["shard_b"]], mode="rand", seed=4)
+    assert summary.n_problems == 8
+    assert all(0.0 <= s.score < 1.0 for s in scores)
+    _, again, _ = _score(stub, candidate_paths=[data["shard_b"], data["shard_a"]], mode="rand", seed=4)
+    assert {s.problem_id: s.score for s in scores} == {s.problem_id: s.score for s in again}
+
+
+def _error(stub, **fields) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        _score(stub, **fields)
+    return info.value
+
+
+def test_errors(stub, data, tiny_model_dir, tmp_path):
+    ok = dict(
+        checkpoint=str(tiny_model_dir),
+        candidate_paths=[data["shard_a"]],
+        validation_paths=[data["validation_path"]],
+        mode="sim",
+    )
+    err = _error(stub, **{**ok, "mode": "bogus"})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "bogus" in err.details()
+    err = _error(stub, **{**ok, "validation_paths": []})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "validation" in err.details()
+    err = _error(stub, **{**ok, "method": "sketch"})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    missing = str(tmp_path / "no-such-checkpoint")
+    err = _error(stub, **{**ok, "checkpoint": missing})
+    assert err.code() == grpc.StatusCode.NOT_FOUND and missing in err.details()
+    err = _error(stub, **{**ok, "checkpoint": str(tmp_path)})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and str(tmp_path) in err.details()
+    err = _error(stub, **{**ok, "candidate_paths": [str(tmp_path / "nope.parquet")]})
+    assert err.code() == grpc.StatusCode.NOT_FOUND
