@@ -16,6 +16,9 @@ from services.stack import SERVICES, LocalStack, StackConfig
 app = typer.Typer(help="GradAlign Platform: gradient-aligned data selection for LLM RL.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(help="Benchmarks: each prints ratios against a baseline run in the same process.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+# bench commands are registered here, one line each:
 app.command("score", help="Score candidate problems against a validation set (shared/spec/gradalign-score.md).")(score_command)
 
 

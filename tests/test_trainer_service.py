@@ -1,0 +1,189 @@
+"""The gRPC TrainerService in process (services/trainer/server.py)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import torch
+
+from gradalign_common.modeling import load_model
+from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
+from gradalign_common.records import write_problems
+from services.trainer import server as trainer_server
+from services.trainer.server import MARKER_NAME, config_from_proto, create_server
+from services.trainer.settings import TrainerSettings
+from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def stub(artifacts):
+    server, _, port = create_server(TrainerSettings(host="127.0.0.1", port=0, artifact_root=artifacts))
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield training_pb2_grpc.TrainerServiceStub(channel)
+    channel.close()
+    server.stop(None)
+
+
+@pytest.fixture
+def problems_path(artifacts):
+    return write_problems(artifacts / "selection.parquet", constant_answer_problems(6))
+
+
+def hyperparams(**overrides) -> training_pb2.TrainHyperparams:
+    values = dict(
+        steps=2,
+        batch_size=3,
+        learning_rate=1e-2,
+        entropy_coef=0.05,  # moves the weights even when every reward is 0
+        micro_batch_size=8,
+        sampling=common_pb2.SamplingParams(n=4, max_tokens=3, temperature=1.0),
+        seed=1,
+    )
+    values.update(overrides)
+    return training_pb2.TrainHyperparams(**values)
+
+
+def request(checkpoint, problems, output, request_id="train-1", **overrides) -> training_pb2.TrainRequest:
+    return training_pb2.TrainRequest(
+        request_id=request_id,
+        checkpoint=str(checkpoint),
+        problems_path=str(problems),
+        output_checkpoint=str(output),
+        hyperparams=hyperparams(**overrides),
+    )
+
+
+def split(events):
+    steps = [e.step for e in events if e.WhichOneof("event") == "step"]
+    results = [e.result for e in events if e.WhichOneof("event") == "result"]
+    assert len(results) == 1 and events[-1].WhichOneof("event") == "result"
+    return steps, results[0]
+
+
+def test_train_streams_step_metrics_and_writes_a_loadable_checkpoint(
+    stub, random_tiny_checkpoint, problems_path, artifacts
+):
+    output = artifacts / "checkpoints" / "round-00001"
+    req = request(random_tiny_checkpoint, problems_path, output, kl_coef=0.1)
+    steps, result = split(list(stub.Train(req, timeout=60)))
+    assert [s.step for s in steps] == [1, 2]
+    assert all(s.response_length > 0 and s.tokens_per_second > 0 and s.grad_norm > 0 for s in steps)
+    assert steps[0].kl == pytest.approx(0.0, abs=1e-7) and steps[1].kl > 0
+    assert result.checkpoint == str(output) and result.steps == 2 and result.compute_seconds > 0
+
+    trained, initial = load_model(output).state_dict(), load_model(random_tiny_checkpoint).state_dict()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    marker = json.loads((output / MARKER_NAME).read_text())
+    assert marker["request_id"] == "train-1" and marker["steps"] == 2
+    assert [m["step"] for m in marker["metrics"]] == [1, 2]
+    assert sorted(p.name for p in output.parent.iterdir()) == ["round-00001"]  # no temporary directories left
+
+
+def test_a_retry_with_the_same_request_id_returns_the_checkpoint_without_training(
+    stub, random_tiny_checkpoint, problems_path, artifacts, monkeypatch
+):
+    output = artifacts / "ckpt"
+    req = request(random_tiny_checkpoint, problems_path, output)
+    first = list(stub.Train(req, timeout=60))
+    weights = output / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(trainer_server, "GRPOTrainer", no_training)
+    again = list(stub.Train(req, timeout=60))
+    assert again == first  # the recorded step metrics, then the same result
+    assert weights.stat().st_mtime_ns == stamp
+
+    # another request id for the same output trains again and replaces the checkpoint atomically
+    monkeypatch.undo()
+    retrain = request(random_tiny_checkpoint, problems_path, output, request_id="train-2")
+    _, result = split(list(stub.Train(retrain, timeout=60)))
+    assert json.loads((output / MARKER_NAME).read_text())["request_id"] == "train-2"
+    assert result.checkpoint == str(output)
+    assert sorted(p.name for p in output.parent.iterdir()) == sorted(["ckpt", "selection.parquet"])
+
+
+@pytest.mark.parametrize(
+    "case, code, match",
+    [
+        ("empty selection", grpc.StatusCode.INVALID_ARGUMENT, "empty selection"),
+        ("missing checkpoint", grpc.StatusCode.NOT_FOUND, "does not exist"),
+        ("missing problems file", grpc.StatusCode.NOT_FOUND, "not found"),
+        ("batch larger than selection", grpc.StatusCode.INVALID_ARGUMENT, "larger than the selection"),
+        ("no steps", grpc.StatusCode.INVALID_ARGUMENT, "hyperparams.steps must be >= 1"),
+        ("one response per problem", grpc.StatusCode.INVALID_ARGUMENT, "hyperparams.sampling.n"),
+        ("no output checkpoint", grpc.StatusCode.INVALID_ARGUMENT, "output_checkpoint is required"),
+        ("no request id", grpc.StatusCode.INVALID_ARGUMENT, "request_id is required"),
+        ("output is the input", grpc.StatusCode.INVALID_ARGUMENT, "must differ from checkpoint"),
+    ],
+)
+def test_a_bad_request_is_refused_and_writes_nothing(
+    stub, random_tiny_checkpoint, problems_path, artifacts, case, code, match
+):
+    output = artifacts / "out" / "ckpt"
+    req = request(random_tiny_checkpoint, problems_path, output)
+    if case == "empty selection":
+        req.problems_path = str(write_problems(artifacts / "empty.parquet", []))
+    elif case == "missing checkpoint":
+        req.checkpoint = str(artifacts / "no-such-checkpoint")
+    elif case == "missing problems file":
+        req.problems_path = str(artifacts / "no-such.parquet")
+    elif case == "batch larger than selection":
+        req.hyperparams.batch_size = 7
+    elif case == "no steps":
+        req.hyperparams.steps = 0
+    elif case == "one response per problem":
+        req.hyperparams.sampling.n = 1
+    elif case == "no output checkpoint":
+        req.output_checkpoint = ""
+    elif case == "no request id":
+        req.request_id = ""
+    elif case == "output is the input":
+        req.output_checkpoint = str(random_tiny_checkpoint)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Train(req, timeout=60))
+    assert info.value.code() == code
+    assert match in info.value.details()
+    assert not (artifacts / "out").exists()
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint(stub, random_tiny_checkpoint, problems_path, artifacts, monkeypatch):
+    real_save = trainer_server.save_checkpoint
+
+    def save_then_crash(model, tokenizer, dest):
+        real_save(model, tokenizer, dest)  # the weights are on disk, the marker is not yet
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_server, "save_checkpoint", save_then_crash)
+    output = artifacts / "checkpoints" / "round-00002"
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Train(request(random_tiny_checkpoint, problems_path, output), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "disk full" in info.value.details()
+    assert not output.exists()
+    assert list(output.parent.iterdir()) == []  # nor a temporary directory beside it
+
+
+def test_hyperparams_zero_means_the_default():
+    config = config_from_proto(hyperparams(clip_eps=0, max_grad_norm=0, micro_batch_size=0))
+    assert (config.clip_eps, config.max_grad_norm, config.micro_batch_size, config.top_p) == (0.2, 1.0, 16, 1.0)
+    assert (config.steps, config.batch_size, config.n_samples, config.max_tokens, config.seed) == (2, 3, 4, 3, 1)
+
+
+def test_settings_defaults_and_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADALIGN_TRAINER_ARTIFACT_ROOT", str(tmp_path))
+    settings = TrainerSettings()
+    assert settings.port == 50053
+    assert settings.checkpoint_path("ckpt/a") == tmp_path / "ckpt" / "a"
+    assert TrainerSettings(checkpoint_root=tmp_path / "c").checkpoint_path("a") == tmp_path / "c" / "a"
+    assert settings.checkpoint_path("/abs/a").as_posix() == "/abs/a"
