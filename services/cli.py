@@ -10,12 +10,15 @@ from pathlib import Path
 import typer
 
 from gradalign_common.settings import DEFAULT_HOME
+from services.scheduler.admin_cli import db_app, token_app
 from services.scoring.cli import score_command
 from services.stack import SERVICES, LocalStack, StackConfig
 
 app = typer.Typer(help="GradAlign Platform: gradient-aligned data selection for LLM RL.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
 bench_app = typer.Typer(help="Benchmarks: each prints ratios against a baseline run in the same process.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 # bench commands are registered here, one line each:
@@ -69,6 +72,7 @@ def up(
         stack.stop()
         raise typer.Exit(1)
     typer.echo(f"GradAlign is up. API: {config.api_url}  docs: {config.api_url}/docs  logs: {stack.log_dir}")
+    typer.echo(f"API token for this session (Authorization: Bearer ...): {config.api_token}")
     code = 0
     while not stopping["flag"]:
         dead = stack.dead()

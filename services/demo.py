@@ -88,7 +88,9 @@ def run_demo(home: Path) -> int:
         print("starting scheduler, rollout, scoring and trainer ...")
         stack.start()
         print(f"API: {config.api_url}  (OpenAPI docs at {config.api_url}/docs)")
-        resp = httpx.post(f"{config.api_url}/api/v1/experiments", json=demo_experiment(model_dir), timeout=60)
+        resp = httpx.post(
+            f"{config.api_url}/api/v1/experiments", json=demo_experiment(model_dir), headers=config.auth_headers, timeout=60
+        )
         if resp.status_code != 201:
             print(f"the scheduler refused the demo experiment: {resp.status_code} {resp.text}")
             return 1

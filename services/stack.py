@@ -8,6 +8,7 @@ until every service is healthy; `LocalStack.watch` returns the name of the first
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -40,7 +41,12 @@ class StackConfig:
     database_url: str | None = None  # default: SQLite under home
     redis_url: str | None = None
     torch_threads: int = 0
+    api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # made valid at the scheduler's start
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_token}"}
 
     @property
     def api_url(self) -> str:
@@ -63,6 +69,7 @@ class StackConfig:
             env[p + "PORT"] = str(self.api_port)
             env[p + "ARTIFACT_ROOT"] = artifacts
             env[p + "DATABASE_URL"] = self.database_url or f"sqlite:///{home / 'scheduler.db'}"
+            env[p + "BOOTSTRAP_TOKEN"] = self.api_token
             if self.redis_url:
                 env[p + "REDIS_URL"] = self.redis_url
             env[p + "ROLLOUT_ADDRESSES"] = f'["{self.address("rollout")}"]'

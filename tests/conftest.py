@@ -35,12 +35,14 @@ def database_url(request, tmp_path) -> str:
     """A clean database: a fresh SQLite file, or the test PostgreSQL with our tables dropped."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'scheduler.db'}"
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     from services.scheduler.db import Base
 
     engine = create_engine(request.param)
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
     return request.param
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from services.scheduler.settings import SchedulerSettings
 
+TEST_TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
 
 def make_settings(tmp_path: Path, database_url: str, **overrides) -> SchedulerSettings:
     values = dict(
@@ -13,6 +16,7 @@ def make_settings(tmp_path: Path, database_url: str, **overrides) -> SchedulerSe
         artifact_root=tmp_path / "artifacts",
         run_orchestrator=False,
         poll_interval_s=0.05,
+        bootstrap_token=TEST_TOKEN,
     )
     values.update(overrides)
     return SchedulerSettings(**values)

@@ -44,7 +44,7 @@ def test_two_rounds_through_separate_processes(tmp_path, tiny_model_dir):
         stack.start()
         assert set(stack.procs) == {"scheduler", "rollout", "scoring", "trainer"}
         assert len({p.pid for p in stack.procs.values()}) == 4
-        client = httpx.Client(base_url=config.api_url, timeout=30)
+        client = httpx.Client(base_url=config.api_url, timeout=30, headers=config.auth_headers)
         assert client.get("/readyz").json()["ready"] is True
         resp = client.post("/api/v1/experiments", json=body)
         assert resp.status_code == 201, resp.text

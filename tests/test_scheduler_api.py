@@ -8,13 +8,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.scheduler.app import create_app
-from scheduler_fixtures import experiment_body, make_settings
+from scheduler_fixtures import AUTH, experiment_body, make_settings
 
 
 @pytest.fixture
 def client(tmp_path, database_url):
     app = create_app(make_settings(tmp_path, database_url))
-    with TestClient(app) as c:
+    with TestClient(app, headers=AUTH) as c:
         yield c
 
 
@@ -117,3 +117,66 @@ def test_health_and_metrics(client):
     assert ready.status_code == 503  # no workers running
     assert ready.json()["checks"]["database"] is True
     assert "gradalign_stage_seconds" in client.get("/metrics").text
+
+
+def test_resume_and_delete(client, tiny_model_dir):
+    exp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()
+    assert client.post(f"/api/v1/experiments/{exp['id']}/resume").status_code == 409  # pending: nothing to resume
+    assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 409  # still queued
+    client.post(f"/api/v1/experiments/{exp['id']}/cancel")
+    resumed = client.post(f"/api/v1/experiments/{exp['id']}/resume").json()
+    assert resumed["status"] == "pending" and resumed["error"] is None
+    client.post(f"/api/v1/experiments/{exp['id']}/cancel")
+    assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 204
+    assert client.get(f"/api/v1/experiments/{exp['id']}").status_code == 404
+
+
+def test_event_stream_delivers_published_events(client):
+    import threading
+    import time
+
+    bus = client.app.state.bus
+
+    def publish_soon():
+        time.sleep(0.5)
+        bus.publish({"type": "progress", "experiment_id": 7, "stage": "score", "done": 3, "total": 8})
+        bus.publish({"type": "progress", "experiment_id": 8, "stage": "score", "done": 1, "total": 8})
+
+    threading.Thread(target=publish_soon, daemon=True).start()
+    with client.stream("GET", "/api/v1/events", params={"experiment_id": 7}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                break
+    assert event["experiment_id"] == 7 and event["done"] == 3
+
+
+def test_mutations_need_a_valid_token(client, tiny_model_dir):
+    body = experiment_body(tiny_model_dir)
+    no_auth = {"Authorization": ""}
+    resp = client.post("/api/v1/experiments", json=body, headers=no_auth)
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    assert client.post("/api/v1/experiments", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.post("/api/v1/experiments/1/cancel", headers=no_auth).status_code == 401
+    assert client.delete("/api/v1/experiments/1", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.get("/api/v1/experiments", headers=no_auth).status_code == 200  # reads are open by default
+    assert client.get("/api/v1/experiments").json()["total"] == 0
+
+    tokens = client.app.state.tokens
+    fresh = tokens.create("alice")
+    assert client.post("/api/v1/experiments", json=body, headers={"Authorization": f"Bearer {fresh}"}).status_code == 201
+    tokens.revoke("alice")
+    assert client.post("/api/v1/experiments", json=body, headers={"Authorization": f"Bearer {fresh}"}).status_code == 403
+    with client.app.state.sessions() as s:  # only the hash is stored
+        from services.scheduler.db import ApiToken
+
+        assert all(fresh not in (t.token_hash, t.name) for t in s.query(ApiToken).all())
+
+
+def test_reads_can_require_a_token(tmp_path, database_url):
+    app = create_app(make_settings(tmp_path, database_url, read_requires_token=True))
+    with TestClient(app) as c:
+        assert c.get("/api/v1/experiments").status_code == 401
+        assert c.get("/api/v1/experiments", headers=AUTH).status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes stay open

@@ -6,7 +6,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from scheduler_fixtures import experiment_body, make_settings
+from scheduler_fixtures import AUTH, experiment_body, make_settings
 from services.scheduler.app import create_app
 from services.stack import free_port
 
@@ -22,7 +22,7 @@ def test_unreachable_rollout_is_reported_retried_then_failed(tmp_path, tiny_mode
         retry_backoff_s=0.2,
         worker_deadline_s=5,
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         exp_id = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()["id"]
         details, exp = set(), {}
         deadline = time.monotonic() + 60

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+import json
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
 from gradalign_common.grpc_utils import check_health
+from services.scheduler.auth import require_reader, require_writer
+from services.scheduler.events import iter_events
 from services.scheduler.experiments import ExperimentService
 from services.scheduler.schemas import (
     CandidateList,
@@ -16,23 +20,26 @@ from services.scheduler.schemas import (
     ExperimentCreate,
     ExperimentList,
     ExperimentOut,
+    ProblemDetail,
     RoundOut,
     TrainStepOut,
 )
 
 router = APIRouter()
+read = APIRouter(dependencies=[Depends(require_reader)])
+write = APIRouter(dependencies=[Depends(require_writer)])
 
 
 def _service(request: Request) -> ExperimentService:
     return request.app.state.experiments
 
 
-@router.post("/api/v1/experiments", status_code=201, response_model=ExperimentOut, tags=["experiments"])
+@write.post("/api/v1/experiments", status_code=201, response_model=ExperimentOut, tags=["experiments"])
 def create_experiment(body: ExperimentCreate, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).create(body))
 
 
-@router.get("/api/v1/experiments", response_model=ExperimentList, tags=["experiments"])
+@read.get("/api/v1/experiments", response_model=ExperimentList, tags=["experiments"])
 def list_experiments(
     request: Request,
     status: str | None = Query(default=None, pattern="^(pending|running|completed|failed|cancelled)$"),
@@ -43,22 +50,33 @@ def list_experiments(
     return ExperimentList(items=[ExperimentOut.model_validate(e) for e in items], total=total, offset=offset, limit=limit)
 
 
-@router.get("/api/v1/experiments/{experiment_id}", response_model=ExperimentOut, tags=["experiments"])
+@read.get("/api/v1/experiments/{experiment_id}", response_model=ExperimentOut, tags=["experiments"])
 def get_experiment(experiment_id: int, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).get(experiment_id))
 
 
-@router.post("/api/v1/experiments/{experiment_id}/cancel", response_model=ExperimentOut, tags=["experiments"])
+@write.post("/api/v1/experiments/{experiment_id}/cancel", response_model=ExperimentOut, tags=["experiments"])
 def cancel_experiment(experiment_id: int, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).cancel(experiment_id))
 
 
-@router.get("/api/v1/experiments/{experiment_id}/rounds", response_model=list[RoundOut], tags=["results"])
+@write.post("/api/v1/experiments/{experiment_id}/resume", response_model=ExperimentOut, tags=["experiments"])
+def resume_experiment(experiment_id: int, request: Request) -> ExperimentOut:
+    return ExperimentOut.model_validate(_service(request).resume(experiment_id))
+
+
+@write.delete("/api/v1/experiments/{experiment_id}", status_code=204, tags=["experiments"])
+def delete_experiment(experiment_id: int, request: Request) -> Response:
+    _service(request).delete(experiment_id)
+    return Response(status_code=204)
+
+
+@read.get("/api/v1/experiments/{experiment_id}/rounds", response_model=list[RoundOut], tags=["results"])
 def list_rounds(experiment_id: int, request: Request) -> list[RoundOut]:
     return [RoundOut.model_validate(r) for r in _service(request).rounds(experiment_id)]
 
 
-@router.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/candidates", response_model=CandidateList, tags=["results"])
+@read.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/candidates", response_model=CandidateList, tags=["results"])
 def list_candidates(
     experiment_id: int,
     round_index: int,
@@ -73,9 +91,37 @@ def list_candidates(
     )
 
 
-@router.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/train-steps", response_model=list[TrainStepOut], tags=["results"])
+@read.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/train-steps", response_model=list[TrainStepOut], tags=["results"])
 def list_train_steps(experiment_id: int, round_index: int, request: Request) -> list[TrainStepOut]:
     return [TrainStepOut.model_validate(t) for t in _service(request).train_steps(experiment_id, round_index)]
+
+
+@read.get(
+    "/api/v1/experiments/{experiment_id}/rounds/{round_index}/problems/{problem_id}", response_model=ProblemDetail, tags=["results"]
+)
+def get_problem(experiment_id: int, round_index: int, problem_id: str, request: Request) -> ProblemDetail:
+    return ProblemDetail.model_validate(_service(request).problem(experiment_id, round_index, problem_id))
+
+
+@read.get("/api/v1/events", tags=["events"], response_class=StreamingResponse)
+def stream_events(request: Request, experiment_id: int | None = None) -> StreamingResponse:
+    """Server-sent events: stage transitions and progress (all experiments, or one)."""
+    bus = request.app.state.bus
+    stop = request.app.state.shutdown
+
+    def generate():
+        sub = bus.subscribe()
+        try:
+            yield ": connected\n\n"
+            for event in iter_events(sub, stop, timeout=1.0):
+                if event is None:
+                    yield ": keep-alive\n\n"
+                elif experiment_id is None or event.get("experiment_id") == experiment_id:
+                    yield f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, default=str)}\n\n"
+        finally:
+            sub.close()
+
+    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/healthz", tags=["health"])
@@ -107,6 +153,10 @@ def readiness(request: Request) -> JSONResponse:
 @router.get("/metrics", tags=["health"])
 def metrics() -> PlainTextResponse:
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(read)
+router.include_router(write)
 
 
 def install_error_handlers(app) -> None:

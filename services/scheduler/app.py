@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from gradalign_common.logging_setup import configure_logging, get_logger
 from services.scheduler.api import install_error_handlers, router
-from services.scheduler.db import init_db, make_engine, make_session_factory
+from services.scheduler.auth import TokenStore
+from services.scheduler.db import make_engine, make_session_factory
+from services.scheduler.migrate import upgrade
 from services.scheduler.events import make_event_bus
 from services.scheduler.experiments import ExperimentService
 from services.scheduler.orchestrator import Orchestrator
@@ -20,16 +23,18 @@ log = get_logger("gradalign.scheduler")
 def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     settings = settings or SchedulerSettings()
     engine = make_engine(settings.database_url)
-    init_db(engine)
+    upgrade(engine)  # idempotent: a database already at head is left as it is
     sessions = make_session_factory(engine)
     bus = make_event_bus(settings.redis_url)
     orchestrator = Orchestrator(settings, sessions, bus)
+    shutdown = threading.Event()  # ends open event streams on shutdown
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.run_orchestrator:
             orchestrator.start()
         yield
+        shutdown.set()
         orchestrator.stop()
         orchestrator.release_all()
         bus.close()
@@ -40,7 +45,11 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.bus = bus
     app.state.orchestrator = orchestrator
+    app.state.shutdown = shutdown
     app.state.experiments = ExperimentService(settings, sessions, bus)
+    app.state.tokens = TokenStore(sessions)
+    if settings.bootstrap_token:
+        app.state.tokens.ensure("bootstrap", settings.bootstrap_token)
     app.include_router(router)
     install_error_handlers(app)
     return app

@@ -142,6 +142,32 @@ class TrainStep(Base):
     metrics: Mapped[dict[str, Any]]
 
 
+class ApiToken(Base):
+    """A bearer token for mutating (and optionally reading) the API; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+class Dataset(Base):
+    """A registered dataset: a parquet/JSONL file of problem records and its summary."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    n_rows: Mapped[int] = mapped_column(Integer)
+    data_sources: Mapped[dict[str, Any]]  # data_source -> row count
+    origin: Mapped[dict[str, Any]]  # how it was made: upload, register, mix
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[1] if "///" in url else ""
@@ -158,10 +184,6 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
-
-
-def init_db(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import sessionmaker
 
 from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
@@ -81,6 +81,38 @@ class ExperimentService:
         self.bus.publish({"type": "experiment_cancelled", "experiment_id": exp_id})
         return exp
 
+    def resume(self, exp_id: int) -> Experiment:
+        """Put a failed or cancelled experiment back in the queue; it continues at its current stage."""
+        with self.sessions() as s:
+            exp = s.get(Experiment, exp_id)
+            if exp is None:
+                raise NotFoundError(f"experiment {exp_id} not found")
+            if exp.status not in ("failed", "cancelled"):
+                raise InvalidInputError(f"experiment {exp_id} is {exp.status}; only failed or cancelled experiments resume")
+            exp.status, exp.error, exp.finished_at, exp.status_detail = "running" if exp.started_at else "pending", None, None, None
+            exp.lease_owner, exp.lease_expires_at = None, None
+            rnd = s.scalar(select(Round).where(Round.experiment_id == exp_id, Round.index == exp.current_round))
+            if rnd is not None:
+                for st in rnd.stages:
+                    if st.status in ("failed", "running"):
+                        st.status, st.attempts = "pending", 0
+            s.commit()
+        self.bus.publish({"type": "experiment_resumed", "experiment_id": exp_id})
+        return exp
+
+    def delete(self, exp_id: int) -> None:
+        """Delete an ended experiment's rows (its artifacts stay in the store)."""
+        with self.sessions() as s:
+            exp = s.get(Experiment, exp_id)
+            if exp is None:
+                raise NotFoundError(f"experiment {exp_id} not found")
+            if exp.status not in TERMINAL:
+                raise InvalidInputError(f"experiment {exp_id} is {exp.status}; cancel it before deleting")
+            s.execute(delete(PoolProblem).where(PoolProblem.experiment_id == exp_id))
+            s.delete(exp)
+            s.commit()
+        self.bus.publish({"type": "experiment_deleted", "experiment_id": exp_id})
+
     def rounds(self, exp_id: int) -> list[Round]:
         self.get(exp_id)
         with self.sessions() as s:
@@ -113,3 +145,37 @@ class ExperimentService:
         with self.sessions() as s:
             rnd = self._round(s, exp_id, index)
             return list(s.scalars(select(TrainStep).where(TrainStep.round_id == rnd.id).order_by(TrainStep.step)).all())
+
+    def problem(self, exp_id: int, index: int, problem_id: str) -> dict:
+        """A candidate's prompt, responses and rewards, read from the round's rollout shards."""
+        from gradalign_common.records import read_rollouts
+
+        exp = self.get(exp_id)
+        with self.sessions() as s:
+            rnd = self._round(s, exp_id, index)
+            cand = s.scalar(select(Candidate).where(Candidate.round_id == rnd.id, Candidate.problem_id == problem_id))
+            if cand is None:
+                raise NotFoundError(f"problem {problem_id!r} is not a candidate of round {index}")
+            stage = next((st for st in rnd.stages if st.name == "rollout_train"), None)
+            paths = (stage.result or {}).get("paths", []) if stage else []
+        from services.scheduler.datasets import load_dataset
+
+        problem = {p.problem_id: p for p in load_dataset(exp.config["train_dataset"], self.settings.artifact_root)}.get(problem_id)
+        responses = [
+            {"text": r.text, "reward": r.reward, "correct": r.correct, "n_tokens": len(r.response_ids), "finish_reason": r.finish_reason}
+            for path in paths
+            for r in read_rollouts(path)
+            if r.problem_id == problem_id
+        ]
+        return {
+            "problem_id": problem_id,
+            "round": index,
+            "prompt": problem.prompt if problem else None,
+            "ground_truth": problem.ground_truth if problem else None,
+            "data_source": problem.data_source if problem else None,
+            "score": cand.score,
+            "accuracy": cand.accuracy,
+            "selected": cand.selected,
+            "rank": cand.rank,
+            "responses": responses,
+        }

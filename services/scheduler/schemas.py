@@ -154,3 +154,24 @@ class TrainStepOut(BaseModel):
 
     step: int
     metrics: dict[str, Any]
+
+
+class ResponseOut(BaseModel):
+    text: str
+    reward: float
+    correct: bool
+    n_tokens: int
+    finish_reason: str
+
+
+class ProblemDetail(BaseModel):
+    problem_id: str
+    round: int
+    prompt: str | None
+    ground_truth: str | None
+    data_source: str | None
+    score: float | None
+    accuracy: float
+    selected: bool
+    rank: int | None
+    responses: list[ResponseOut]

@@ -27,4 +27,7 @@ class SchedulerSettings(BaseSettings):
     retry_backoff_max_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=0.5, gt=0)
     run_orchestrator: bool = True
+    auth_enabled: bool = Field(default=True, description="mutating requests need a bearer token")
+    read_requires_token: bool = Field(default=False, description="reads need a bearer token too")
+    bootstrap_token: str | None = Field(default=None, description="a token made valid at start (name 'bootstrap')")
     log_level: str = "INFO"

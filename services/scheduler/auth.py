@@ -1,0 +1,87 @@
+"""Bearer API tokens: stored as SHA-256 hashes, created by `gradalign token create`.
+
+Every mutating request needs a valid token (401 without one, 403 with an unknown or
+revoked one); reads need one only when `read_requires_token` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from gradalign_common.errors import InvalidInputError, NotFoundError
+from services.scheduler.db import ApiToken, utcnow
+
+bearer = HTTPBearer(auto_error=False, description="API token from `gradalign token create`")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, sessions: sessionmaker):
+        self.sessions = sessions
+
+    def create(self, name: str) -> str:
+        """Store a new token under `name` and return it (the only time it is shown)."""
+        if not name:
+            raise InvalidInputError("a token needs a name")
+        token = secrets.token_urlsafe(32)
+        with self.sessions() as s:
+            if s.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
+                raise InvalidInputError(f"a token named {name!r} already exists")
+            s.add(ApiToken(name=name, token_hash=hash_token(token)))
+            s.commit()
+        return token
+
+    def ensure(self, name: str, token: str) -> None:
+        """Make `token` valid under `name` (the bootstrap token from settings); idempotent."""
+        digest = hash_token(token)
+        with self.sessions() as s:
+            row = s.scalar(select(ApiToken).where(ApiToken.name == name))
+            if row is None:
+                s.add(ApiToken(name=name, token_hash=digest))
+            else:
+                row.token_hash, row.revoked_at = digest, None
+            s.commit()
+
+    def revoke(self, name: str) -> None:
+        with self.sessions() as s:
+            row = s.scalar(select(ApiToken).where(ApiToken.name == name))
+            if row is None:
+                raise NotFoundError(f"no token named {name!r}")
+            row.revoked_at = utcnow()
+            s.commit()
+
+    def names(self) -> list[tuple[str, bool]]:
+        with self.sessions() as s:
+            return [(t.name, t.revoked_at is None) for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
+
+    def is_valid(self, token: str) -> bool:
+        with self.sessions() as s:
+            row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+            return row is not None and row.revoked_at is None
+
+
+def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    if not request.app.state.settings.auth_enabled:
+        return
+    if credentials is None or not credentials.credentials:
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if not request.app.state.tokens.is_valid(credentials.credentials):
+        raise HTTPException(403, "invalid or revoked token")
+
+
+def require_writer(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    _check(request, credentials)
+
+
+def require_reader(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    if request.app.state.settings.read_requires_token:
+        _check(request, credentials)
