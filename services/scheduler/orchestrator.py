@@ -14,17 +14,15 @@ fails the experiment with the worker's message.
 from __future__ import annotations
 
 import datetime as dt
-import statistics
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+import grpc
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gradalign_common.artifacts import ArtifactStore
@@ -36,13 +34,13 @@ from gradalign_common.selection import get_mode, select_top
 from services.scheduler.datasets import load_dataset
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
 from services.scheduler.events import EventBus
+from services.scheduler.leases import make_lease
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler import workers
 from services.scheduler.workers import WorkerRejected, WorkerUnavailable
 
 STAGES = ("rollout_train", "rollout_val", "score", "select", "train")
 ACTIVE = ("pending", "running")
-LEASE_SECONDS = 60.0
 
 log = get_logger("gradalign.orchestrator")
 STAGE_SECONDS = Histogram("gradalign_stage_seconds", "Wall time of a stage", ["stage"])
@@ -69,7 +67,8 @@ class Orchestrator:
         self.sessions = sessions
         self.bus = bus
         self.store = ArtifactStore(settings.artifact_root)
-        self.owner = uuid.uuid4().hex
+        self.owner = settings.lease_owner()
+        self.lease = make_lease(settings.redis_url, sessions, self.owner, settings.lease_ttl_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._not_before: dict[int, float] = {}
@@ -108,52 +107,13 @@ class Orchestrator:
                 break
             if self._not_before.get(exp_id, 0) > now:
                 continue
-            if not self._claim(exp_id):
+            if not self.lease.acquire(exp_id):
                 continue
             worked |= self.step(exp_id)
         return worked
 
-    # ---- leases ----------------------------------------------------------------------------
-    def _claim(self, exp_id: int) -> bool:
-        """Take or renew this replica's lease on the experiment (atomic UPDATE); False if another holds it."""
-        now = utcnow()
-        with self.sessions() as s:
-            res = s.execute(
-                update(Experiment)
-                .where(
-                    Experiment.id == exp_id,
-                    Experiment.status.in_(ACTIVE),
-                    or_(
-                        Experiment.lease_owner.is_(None),
-                        Experiment.lease_owner == self.owner,
-                        Experiment.lease_expires_at < now,
-                    ),
-                )
-                .values(lease_owner=self.owner, lease_expires_at=now + dt.timedelta(seconds=LEASE_SECONDS))
-                .execution_options(synchronize_session=False)
-            )
-            s.commit()
-            return res.rowcount == 1
-
-    def _renew(self, exp_id: int) -> None:
-        with self.sessions() as s:
-            s.execute(
-                update(Experiment)
-                .where(Experiment.id == exp_id, Experiment.lease_owner == self.owner)
-                .values(lease_expires_at=utcnow() + dt.timedelta(seconds=LEASE_SECONDS))
-                .execution_options(synchronize_session=False)
-            )
-            s.commit()
-
     def release_all(self) -> None:
-        with self.sessions() as s:
-            s.execute(
-                update(Experiment)
-                .where(Experiment.lease_owner == self.owner)
-                .values(lease_owner=None, lease_expires_at=None)
-                .execution_options(synchronize_session=False)
-            )
-            s.commit()
+        self.lease.release_all()
 
     # ---- the state machine -----------------------------------------------------------------
     def step(self, exp_id: int) -> bool:
@@ -169,6 +129,8 @@ class Orchestrator:
             if stage is None:
                 self._finish_round(s, exp, rnd)
                 s.commit()
+                if exp.status == "completed":
+                    self.lease.release(exp_id)
                 self._publish(exp_id, "round_finished", round=rnd.index, status=exp.status)
                 return True
             stage.status, stage.attempts, stage.started_at = "running", stage.attempts + 1, utcnow()
@@ -233,7 +195,6 @@ class Orchestrator:
         exp.current_stage = None
         if exp.current_round >= exp.config["num_selections"]:
             exp.status, exp.finished_at = "completed", utcnow()
-            exp.lease_owner, exp.lease_expires_at = None, None
 
     def _stage_unavailable(self, ctx: StageContext, stage_name: str, attempt: int, exc: WorkerUnavailable) -> None:
         STAGE_RETRIES.labels(stage_name, exc.service).inc()
@@ -258,8 +219,8 @@ class Orchestrator:
             exp = s.get(Experiment, ctx.experiment_id)
             if exp.status in ACTIVE:
                 exp.status, exp.error, exp.finished_at = "failed", f"{stage_name}: {message}", utcnow()
-            exp.lease_owner, exp.lease_expires_at = None, None
             s.commit()
+        self.lease.release(ctx.experiment_id)
         log.error("experiment_failed", experiment=ctx.experiment_id, stage=stage_name, error=message)
         self._publish(ctx.experiment_id, "experiment_failed", stage=stage_name, error=message)
 
@@ -334,7 +295,7 @@ class Orchestrator:
             rows = s.scalars(select(Candidate).where(Candidate.round_id == ctx.round_id)).all()
             missing = [c.problem_id for c in rows if c.problem_id not in by_id]
             if missing:
-                raise WorkerRejected("scoring", ",".join(addresses), _internal(), f"no score for {len(missing)} candidates, e.g. {missing[:3]}")
+                raise WorkerRejected("scoring", ",".join(addresses), grpc.StatusCode.INTERNAL, f"no score for {len(missing)} candidates, e.g. {missing[:3]}")
             for c in rows:
                 sc = by_id[c.problem_id]
                 c.score, c.zero_advantage, c.selected, c.rank = sc.score, sc.zero_advantage, False, None
@@ -395,7 +356,7 @@ class Orchestrator:
                 st = s.get(Stage, ctx.stage_id)
                 st.progress_done, st.progress_total, st.progress_unit = m.step, total, "steps"
                 s.commit()
-            self._renew(ctx.experiment_id)
+            self.lease.renew(ctx.experiment_id)
             self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage="train", done=m.step, total=total, unit="steps", metrics=metrics)
 
         result = workers.train(self.settings.trainer_address, self.settings.worker_deadline_s, request, on_step)
@@ -467,7 +428,7 @@ class Orchestrator:
             st = s.get(Stage, ctx.stage_id)
             st.progress_done, st.progress_total, st.progress_unit = done, total, unit
             s.commit()
-        self._renew(ctx.experiment_id)
+        self.lease.renew(ctx.experiment_id)
         self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage=stage, done=done, total=total, unit=unit)
 
     def _publish(self, exp_id: int, kind: str, **fields) -> None:
@@ -516,7 +477,3 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
-def _internal():
-    import grpc
-
-    return grpc.StatusCode.INTERNAL

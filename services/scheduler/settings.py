@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -27,7 +28,14 @@ class SchedulerSettings(BaseSettings):
     retry_backoff_max_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=0.5, gt=0)
     run_orchestrator: bool = True
+    replica_id: str | None = Field(
+        default=None, description="this replica's lease owner id; default hostname:port, so a restarted replica resumes its leases at once"
+    )
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="a dead replica's experiments move to another after this")
     auth_enabled: bool = Field(default=True, description="mutating requests need a bearer token")
     read_requires_token: bool = Field(default=False, description="reads need a bearer token too")
     bootstrap_token: str | None = Field(default=None, description="a token made valid at start (name 'bootstrap')")
     log_level: str = "INFO"
+
+    def lease_owner(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{self.port}"
