@@ -80,3 +80,56 @@ class ArtifactStore:
 
     def datasets_dir(self) -> Path:
         return self.root / "datasets"
+
+
+def sweep_stale_temporaries(root: str | Path, older_than_s: float, now: float | None = None) -> list[Path]:
+    """Remove the temporaries a killed writer left under root; return what was removed.
+
+    A temporary is a file or directory named like the ones `atomic_path` and
+    `_replace_dir` create (`.NAME.tmp-xxxxxxxx`, `.NAME.old-xxxxxxxx`). One is stale when
+    nothing in it was modified for `older_than_s` seconds (for a directory: its newest
+    entry, so a live write that keeps adding or growing files is left alone). Finished
+    artifacts are never touched. Entries that vanish or cannot be removed meanwhile are
+    skipped. Symbolic links are neither followed nor removed.
+    """
+    import re
+    import time
+
+    pattern = re.compile(r"^\..+\.(?:tmp|old)-[0-9a-f]{8}$")
+    if older_than_s < 0:
+        raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+    cutoff = (time.time() if now is None else now) - older_than_s
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+
+    def newest_mtime(path: Path) -> float:
+        newest = path.lstat().st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(path):
+                for name in dirnames + filenames:
+                    try:
+                        newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                    except OSError:
+                        pass
+        return newest
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            if not pattern.match(name):
+                continue
+            if name in dirnames:
+                dirnames.remove(name)  # never descend into a temporary
+            path = Path(dirpath) / name
+            try:
+                if path.is_symlink() or newest_mtime(path) > cutoff:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return sorted(removed)

@@ -14,6 +14,7 @@ def make_settings(tmp_path: Path, database_url: str, **overrides) -> SchedulerSe
     values = dict(
         database_url=database_url,
         artifact_root=tmp_path / "artifacts",
+        data_root=tmp_path,
         run_orchestrator=False,
         poll_interval_s=0.05,
         bootstrap_token=TEST_TOKEN,

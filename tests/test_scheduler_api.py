@@ -180,3 +180,15 @@ def test_reads_can_require_a_token(tmp_path, database_url):
         assert c.get("/api/v1/experiments").status_code == 401
         assert c.get("/api/v1/experiments", headers=AUTH).status_code == 200
         assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_dataset_path_outside_the_data_root_is_refused(client, tmp_path, tiny_model_dir):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.jsonl"
+    outside.write_text(json.dumps({"prompt": "1+1=", "data_source": "arith", "reward_model": {"ground_truth": "2"}}) + "\n")
+    try:
+        resp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, train_dataset=str(outside)))
+        assert "train_dataset" in _field_of_422(resp) and "outside the allowed data root" in resp.json()["detail"][0]["msg"]
+        sneaky = str(tmp_path / ".." / outside.name)
+        assert "train_dataset" in _field_of_422(client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, train_dataset=sneaky)))
+    finally:
+        outside.unlink()

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-from gradalign_common.modeling import load_model
+from gradalign_common.errors import InvalidInputError
+from gradalign_common.modeling import load_model, load_tokenizer
+from gradalign_common.optimizer_state import read_optimizer_state
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
-from gradalign_common.records import write_problems
+from gradalign_common.records import write_problems, write_rollouts, write_rollouts_jsonl
 from services.trainer import server as trainer_server
-from services.trainer.server import MARKER_NAME, config_from_proto, create_server
+from services.trainer.grpo import batch_for_step
+from services.trainer.reuse import first_batch_rollouts
+from services.trainer.server import MARKER_NAME, OPTIMIZER_STATE_NAME, config_from_proto, create_server
 from services.trainer.settings import TrainerSettings
-from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from trainer_fixtures import (  # noqa: F401 (fixture)
+    build_random_tiny_model,
+    constant_answer_problems,
+    made_up_rollouts,
+    random_tiny_checkpoint,
+)
 
 
 @pytest.fixture
@@ -187,3 +197,86 @@ def test_settings_defaults_and_relative_paths(tmp_path, monkeypatch):
     assert settings.checkpoint_path("ckpt/a") == tmp_path / "ckpt" / "a"
     assert TrainerSettings(checkpoint_root=tmp_path / "c").checkpoint_path("a") == tmp_path / "c" / "a"
     assert settings.checkpoint_path("/abs/a").as_posix() == "/abs/a"
+
+
+def test_weight_decay_and_its_check():
+    assert config_from_proto(hyperparams(weight_decay=0.1)).weight_decay == 0.1
+    assert config_from_proto(hyperparams()).weight_decay == 0.0
+    with pytest.raises(InvalidInputError, match="hyperparams.weight_decay must be >= 0"):
+        config_from_proto(hyperparams(weight_decay=-0.5))
+
+
+def test_the_first_step_reuses_the_scoring_stage_rollouts(stub, random_tiny_checkpoint, problems_path, artifacts):
+    tokenizer = load_tokenizer(random_tiny_checkpoint)
+    selection = constant_answer_problems(6)
+    outside = constant_answer_problems(9)[6:]  # a shard holds the whole chunk, not only the selection
+    made_up = made_up_rollouts(tokenizer, selection + outside, 4)
+    # two shards: the first two responses of each problem in a parquet shard, the rest in a JSONL one
+    shard_a = write_rollouts(artifacts / "rollout" / "rollouts-0000.parquet", [r for rs in made_up.values() for r in rs[:2]])
+    shard_b = write_rollouts_jsonl(artifacts / "rollout" / "rollouts-0001.jsonl", [r for rs in made_up.values() for r in rs[2:]])
+    output = artifacts / "ckpt"
+    req = request(random_tiny_checkpoint, problems_path, output, steps=2, entropy_coef=0.0)
+    req.rollouts_paths.extend([str(shard_a), "rollout/rollouts-0001.jsonl"])  # relative = under the artifact root
+    steps, _ = split(list(stub.Train(req, timeout=60)))
+    assert steps[0].mean_reward == 0.5  # the made-up rewards: two right, two wrong per problem
+    assert steps[0].response_length == pytest.approx(1.5)  # "7" and "xy"
+    assert steps[1].mean_reward < 0.5  # sampled by the random policy
+    marker = json.loads((output / MARKER_NAME).read_text())
+    first_batch = [p.problem_id for p in batch_for_step(selection, 3, seed=1, step=0)]
+    assert marker["reused_problems"] == sorted(first_batch)
+    assert marker["rollouts_paths"] == [str(shard_a), str(shard_b)]
+
+
+def test_reused_rollouts_for_only_some_problems_and_a_missing_shard(
+    stub, random_tiny_checkpoint, problems_path, artifacts
+):
+    assert first_batch_rollouts([], constant_answer_problems(6), config_from_proto(hyperparams())) == {}
+    tokenizer = load_tokenizer(random_tiny_checkpoint)
+    first = batch_for_step(constant_answer_problems(6), 3, seed=1, step=0)
+    made_up = made_up_rollouts(tokenizer, first[:1], 4)  # one problem of the batch; the others are sampled
+    shard = write_rollouts(artifacts / "rollouts.parquet", made_up[first[0].problem_id])
+    reused = first_batch_rollouts([shard], constant_answer_problems(6), config_from_proto(hyperparams()))
+    assert list(reused) == [first[0].problem_id] and len(reused[first[0].problem_id]) == 4
+
+    output = artifacts / "out" / "ckpt"
+    req = request(random_tiny_checkpoint, problems_path, output)
+    req.rollouts_paths.append(str(artifacts / "no-such-rollouts.parquet"))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Train(req, timeout=60))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-rollouts" in info.value.details()
+    assert not (artifacts / "out").exists()
+
+
+def test_kl_to_a_separate_reference_checkpoint(stub, random_tiny_checkpoint, problems_path, artifacts, tmp_path):
+    reference = build_random_tiny_model(tmp_path / "initial", seed=1)
+    output = artifacts / "ckpt"
+    req = request(random_tiny_checkpoint, problems_path, output, steps=1, kl_coef=0.1)
+    req.reference_checkpoint = str(reference)
+    steps, _ = split(list(stub.Train(req, timeout=60)))
+    assert steps[0].kl > 0.01  # the policy differs from this reference before its first update
+    assert json.loads((output / MARKER_NAME).read_text())["reference_checkpoint"] == str(reference)
+
+    req = request(random_tiny_checkpoint, problems_path, artifacts / "out" / "ckpt", kl_coef=0.1)
+    req.reference_checkpoint = str(tmp_path / "no-such-model")
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Train(req, timeout=60))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not (artifacts / "out").exists()
+
+
+def test_export_the_optimizer_second_moments(stub, random_tiny_checkpoint, problems_path, artifacts):
+    output = artifacts / "checkpoints" / "round-00001"
+    req = request(random_tiny_checkpoint, problems_path, output, weight_decay=0.01)
+    req.export_optimizer_state = True
+    events = list(stub.Train(req, timeout=60))
+    _, result = split(events)
+    state_path = Path(result.optimizer_state_path)
+    assert state_path == output / OPTIMIZER_STATE_NAME and state_path.is_file()
+    state = read_optimizer_state(state_path)
+    assert state.step == 2 and state.beta2 == 0.999 and state.eps == 1e-8
+    model = load_model(output)
+    names = [([n], p) for n, p in model.named_parameters()]
+    assert len(state.inverse_denominators(names)) == len(names)  # every parameter, with its shape
+    assert any(float(v.abs().sum()) > 0 for v in state.exp_avg_sq.values())
+    assert list(stub.Train(req, timeout=60)) == events  # a retry names the same file
+    assert [p.name for p in output.glob("*.safetensors")] == ["model.safetensors"]  # loaders that glob see only the model

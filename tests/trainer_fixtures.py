@@ -34,3 +34,21 @@ def build_random_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def random_tiny_checkpoint(tmp_path_factory) -> Path:
     return build_random_tiny_model(tmp_path_factory.mktemp("trainer-model") / "tiny")
+
+
+def made_up_rollouts(tokenizer, problems, n: int, answer: str = ANSWER) -> dict[str, list]:
+    """n made-up responses per problem: the first half answer `answer` (reward 1), the rest "xy" (reward 0)."""
+    from gradalign_common.generation import prompt_token_ids
+    from gradalign_common.prompts import render_prompt
+    from gradalign_common.records import RolloutRecord
+
+    out = {}
+    for p in problems:
+        prompt = tuple(prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer)])[0])
+        records = []
+        for j in range(n):
+            text = answer if j < n // 2 else "xy"
+            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+            records.append(RolloutRecord(p.problem_id, prompt, ids, reward=float(text == answer), text=text))
+        out[p.problem_id] = records
+    return out

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from gradalign_common.pb import common_pb2 as gradalign_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradalign/v1/training.proto\x12\x0cgradalign.v1\x1a\x19gradalign/v1/common.proto\"\xf4\x01\n\x10TrainHyperparams\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x10\n\x08\x63lip_eps\x18\x04 \x01(\x01\x12\x0f\n\x07kl_coef\x18\x05 \x01(\x01\x12\x14\n\x0c\x65ntropy_coef\x18\x06 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x07 \x01(\x01\x12\x18\n\x10micro_batch_size\x18\x08 \x01(\x05\x12.\n\x08sampling\x18\t \x01(\x0b\x32\x1c.gradalign.v1.SamplingParams\x12\x0c\n\x04seed\x18\n \x01(\x03\"\x9d\x01\n\x0cTrainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x15\n\rproblems_path\x18\x03 \x01(\t\x12\x19\n\x11output_checkpoint\x18\x04 \x01(\t\x12\x33\n\x0bhyperparams\x18\x05 \x01(\x0b\x32\x1e.gradalign.v1.TrainHyperparams\"\xb9\x01\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x03 \x01(\x01\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x11\n\tgrad_norm\x18\x05 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x01\x12\x17\n\x0fresponse_length\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x15\n\rclip_fraction\x18\t \x01(\x01\"I\n\x0bTrainResult\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\"m\n\nTrainEvent\x12)\n\x04step\x18\x01 \x01(\x0b\x32\x19.gradalign.v1.StepMetricsH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.gradalign.v1.TrainResultH\x00\x42\x07\n\x05\x65vent2Q\n\x0eTrainerService\x12?\n\x05Train\x12\x1a.gradalign.v1.TrainRequest\x1a\x18.gradalign.v1.TrainEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradalign/v1/training.proto\x12\x0cgradalign.v1\x1a\x19gradalign/v1/common.proto\"\x8a\x02\n\x10TrainHyperparams\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x10\n\x08\x63lip_eps\x18\x04 \x01(\x01\x12\x0f\n\x07kl_coef\x18\x05 \x01(\x01\x12\x14\n\x0c\x65ntropy_coef\x18\x06 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x07 \x01(\x01\x12\x18\n\x10micro_batch_size\x18\x08 \x01(\x05\x12.\n\x08sampling\x18\t \x01(\x0b\x32\x1c.gradalign.v1.SamplingParams\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x14\n\x0cweight_decay\x18\x0b \x01(\x01\"\xf3\x01\n\x0cTrainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x15\n\rproblems_path\x18\x03 \x01(\t\x12\x19\n\x11output_checkpoint\x18\x04 \x01(\t\x12\x33\n\x0bhyperparams\x18\x05 \x01(\x0b\x32\x1e.gradalign.v1.TrainHyperparams\x12\x16\n\x0erollouts_paths\x18\x06 \x03(\t\x12\x1c\n\x14reference_checkpoint\x18\x07 \x01(\t\x12\x1e\n\x16\x65xport_optimizer_state\x18\x08 \x01(\x08\"\xb9\x01\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x03 \x01(\x01\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x11\n\tgrad_norm\x18\x05 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x01\x12\x17\n\x0fresponse_length\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x15\n\rclip_fraction\x18\t \x01(\x01\"g\n\x0bTrainResult\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14optimizer_state_path\x18\x04 \x01(\t\"m\n\nTrainEvent\x12)\n\x04step\x18\x01 \x01(\x0b\x32\x19.gradalign.v1.StepMetricsH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.gradalign.v1.TrainResultH\x00\x42\x07\n\x05\x65vent2Q\n\x0eTrainerService\x12?\n\x05Train\x12\x1a.gradalign.v1.TrainRequest\x1a\x18.gradalign.v1.TrainEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradalign.v1.training_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINHYPERPARAMS']._serialized_start=73
-  _globals['_TRAINHYPERPARAMS']._serialized_end=317
-  _globals['_TRAINREQUEST']._serialized_start=320
-  _globals['_TRAINREQUEST']._serialized_end=477
-  _globals['_STEPMETRICS']._serialized_start=480
-  _globals['_STEPMETRICS']._serialized_end=665
-  _globals['_TRAINRESULT']._serialized_start=667
-  _globals['_TRAINRESULT']._serialized_end=740
-  _globals['_TRAINEVENT']._serialized_start=742
-  _globals['_TRAINEVENT']._serialized_end=851
-  _globals['_TRAINERSERVICE']._serialized_start=853
-  _globals['_TRAINERSERVICE']._serialized_end=934
+  _globals['_TRAINHYPERPARAMS']._serialized_end=339
+  _globals['_TRAINREQUEST']._serialized_start=342
+  _globals['_TRAINREQUEST']._serialized_end=585
+  _globals['_STEPMETRICS']._serialized_start=588
+  _globals['_STEPMETRICS']._serialized_end=773
+  _globals['_TRAINRESULT']._serialized_start=775
+  _globals['_TRAINRESULT']._serialized_end=878
+  _globals['_TRAINEVENT']._serialized_start=880
+  _globals['_TRAINEVENT']._serialized_end=989
+  _globals['_TRAINERSERVICE']._serialized_start=991
+  _globals['_TRAINERSERVICE']._serialized_end=1072
 # @@protoc_insertion_point(module_scope)

@@ -131,7 +131,6 @@ def liveness() -> dict:
 
 @router.get("/readyz", tags=["health"])
 def readiness(request: Request) -> JSONResponse:
-    settings = request.app.state.settings
     checks: dict[str, bool] = {}
     try:
         with request.app.state.sessions() as s:
@@ -139,11 +138,11 @@ def readiness(request: Request) -> JSONResponse:
         checks["database"] = True
     except Exception:  # noqa: BLE001 - reported as not ready
         checks["database"] = False
-    for name, addresses in (
-        ("rollout", settings.rollout_addresses),
-        ("scoring", settings.scoring_addresses),
-        ("trainer", [settings.trainer_address]),
-    ):
+    discovered = request.app.state.orchestrator.discovery.addresses()
+    for name in ("rollout", "scoring", "trainer"):
+        addresses = discovered.get(name) or []
+        if not addresses:
+            checks[f"{name}@<none ready>"] = False
         for address in addresses:
             checks[f"{name}@{address}"] = check_health(address, timeout=1.0)
     ready = all(checks.values())

@@ -9,6 +9,8 @@ from sqlalchemy.orm import sessionmaker
 
 from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
 from gradalign_common.modeling import check_model_dir
+from gradalign_common.records import read_rollouts
+from services.scheduler.bulk import insert_pool
 from services.scheduler.datasets import load_dataset
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, TrainStep, utcnow
 from services.scheduler.events import EventBus
@@ -42,14 +44,14 @@ class ExperimentService:
             )
             s.add(exp)
             s.flush()
-            s.add_all(PoolProblem(experiment_id=exp.id, position=i, problem_id=pid) for i, pid in enumerate(order))
+            insert_pool(s, exp.id, order)
             s.commit()
         self.bus.publish({"type": "experiment_created", "experiment_id": exp.id})
         return exp
 
     def _load(self, ref: str, field: str):
         try:
-            return load_dataset(ref, self.settings.artifact_root)
+            return load_dataset(ref, self.settings.artifact_root, self.settings.data_root)
         except InvalidInputError as exc:
             raise FieldError(field, str(exc)) from None
 
@@ -148,8 +150,6 @@ class ExperimentService:
 
     def problem(self, exp_id: int, index: int, problem_id: str) -> dict:
         """A candidate's prompt, responses and rewards, read from the round's rollout shards."""
-        from gradalign_common.records import read_rollouts
-
         exp = self.get(exp_id)
         with self.sessions() as s:
             rnd = self._round(s, exp_id, index)
@@ -158,9 +158,8 @@ class ExperimentService:
                 raise NotFoundError(f"problem {problem_id!r} is not a candidate of round {index}")
             stage = next((st for st in rnd.stages if st.name == "rollout_train"), None)
             paths = (stage.result or {}).get("paths", []) if stage else []
-        from services.scheduler.datasets import load_dataset
-
-        problem = {p.problem_id: p for p in load_dataset(exp.config["train_dataset"], self.settings.artifact_root)}.get(problem_id)
+        pool = load_dataset(exp.config["train_dataset"], self.settings.artifact_root, self.settings.data_root)
+        problem = next((p for p in pool if p.problem_id == problem_id), None)
         responses = [
             {"text": r.text, "reward": r.reward, "correct": r.correct, "n_tokens": len(r.response_ids), "finish_reason": r.finish_reason}
             for path in paths

@@ -26,14 +26,17 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gradalign_common.artifacts import ArtifactStore
+from gradalign_common.checkpoint_retention import prune_checkpoints
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
 from gradalign_common.records import Problem, ScoreRecord, write_problems
 from gradalign_common.selection import get_mode, select_top
+from services.scheduler.bulk import insert_candidates, update_candidates
 from services.scheduler.datasets import load_dataset
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
 from services.scheduler.events import EventBus
+from services.scheduler.discovery import make_discovery
 from services.scheduler.leases import make_lease
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler import workers
@@ -69,6 +72,7 @@ class Orchestrator:
         self.store = ArtifactStore(settings.artifact_root)
         self.owner = settings.lease_owner()
         self.lease = make_lease(settings.redis_url, sessions, self.owner, settings.lease_ttl_s)
+        self.discovery = make_discovery(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._not_before: dict[int, float] = {}
@@ -191,10 +195,31 @@ class Orchestrator:
         rnd.overhead_seconds = max(0.0, wall - rnd.compute_seconds)
         ROUND_OVERHEAD.labels(str(exp.id)).set(rnd.overhead_seconds)
         exp.checkpoint = rnd.checkpoint_out or exp.checkpoint
+        self._prune_checkpoints(s, exp)
         exp.current_round = rnd.index + 1
         exp.current_stage = None
         if exp.current_round >= exp.config["num_selections"]:
             exp.status, exp.finished_at = "completed", utcnow()
+
+    def _prune_checkpoints(self, s: Session, exp: Experiment) -> None:
+        """Apply the experiment's checkpoint retention; round r's checkpoint is judged by round r+1's validation reward."""
+        keep_last = exp.config.get("keep_last_checkpoints")
+        if not keep_last:
+            return
+        rewards = {
+            r.index - 1: r.validation_reward
+            for r in s.scalars(select(Round).where(Round.experiment_id == exp.id))
+            if r.index > 0
+        }
+        deleted = prune_checkpoints(
+            self.store.experiment_dir(exp.id) / "checkpoints",
+            rewards,
+            keep_last=keep_last,
+            keep_best=exp.config.get("keep_best_checkpoints", 1),
+            in_use=[exp.checkpoint],
+        )
+        if deleted:
+            log.info("checkpoints_pruned", experiment=exp.id, deleted=[str(p) for p in deleted])
 
     def _stage_unavailable(self, ctx: StageContext, stage_name: str, attempt: int, exc: WorkerUnavailable) -> None:
         STAGE_RETRIES.labels(stage_name, exc.service).inc()
@@ -233,16 +258,20 @@ class Orchestrator:
         )
         with self.sessions() as s:
             s.execute(delete(Candidate).where(Candidate.round_id == ctx.round_id))
-            s.add_all(
-                Candidate(
-                    round_id=ctx.round_id,
-                    problem_id=st.problem_id,
-                    n_responses=st.n_responses,
-                    accuracy=st.accuracy,
-                    mean_reward=st.mean_reward,
-                    mean_response_length=st.mean_response_length,
-                )
-                for st in stats
+            insert_candidates(
+                s,
+                [
+                    {
+                        "round_id": ctx.round_id,
+                        "problem_id": st.problem_id,
+                        "n_responses": st.n_responses,
+                        "accuracy": st.accuracy,
+                        "mean_reward": st.mean_reward,
+                        "mean_response_length": st.mean_response_length,
+                        "selected": False,
+                    }
+                    for st in stats
+                ],
             )
             s.get(Round, ctx.round_id).candidate_accuracy = _weighted_accuracy(stats)
             s.commit()
@@ -269,7 +298,7 @@ class Orchestrator:
             validation_paths = candidate_paths
         else:
             validation_paths = ctx.previous["rollout_val"]["paths"] if mode.needs_validation else []
-        addresses = self.settings.scoring_addresses
+        addresses = self._addresses("scoring")
         shards = [candidate_paths[i :: len(addresses)] for i in range(len(addresses))]
         jobs = [(i, addresses[i], paths) for i, paths in enumerate(shards) if paths]
         tracker = _ProgressTracker(self, ctx, "score", len(jobs))
@@ -292,13 +321,17 @@ class Orchestrator:
         results = _run_parallel(run, jobs)
         by_id = {sc.problem_id: sc for scores, _ in results for sc in scores}
         with self.sessions() as s:
-            rows = s.scalars(select(Candidate).where(Candidate.round_id == ctx.round_id)).all()
-            missing = [c.problem_id for c in rows if c.problem_id not in by_id]
+            rows = s.execute(select(Candidate.id, Candidate.problem_id).where(Candidate.round_id == ctx.round_id)).all()
+            missing = [pid for _, pid in rows if pid not in by_id]
             if missing:
                 raise WorkerRejected("scoring", ",".join(addresses), grpc.StatusCode.INTERNAL, f"no score for {len(missing)} candidates, e.g. {missing[:3]}")
-            for c in rows:
-                sc = by_id[c.problem_id]
-                c.score, c.zero_advantage, c.selected, c.rank = sc.score, sc.zero_advantage, False, None
+            update_candidates(
+                s,
+                [
+                    {"id": cid, "score": by_id[pid].score, "zero_advantage": by_id[pid].zero_advantage, "selected": False, "rank": None}
+                    for cid, pid in rows
+                ],
+            )
             s.commit()
         compute = max(summary.compute_seconds for _, summary in results)
         return {"paths": [summary.output_path for _, summary in results], "n_scored": len(by_id)}, compute
@@ -330,6 +363,8 @@ class Orchestrator:
             checkpoint=ctx.checkpoint_in,
             problems_path=ctx.previous["select"]["path"],
             output_checkpoint=str(out),
+            rollouts_paths=ctx.previous["rollout_train"]["paths"] if cfg.get("reuse_rollouts", True) else [],
+            reference_checkpoint=cfg["model"],
             hyperparams=training_pb2.TrainHyperparams(
                 steps=cfg["iters_per_select"],
                 batch_size=cfg["train_batch_size"],
@@ -338,6 +373,7 @@ class Orchestrator:
                 kl_coef=cfg["kl_coef"],
                 max_grad_norm=1.0,
                 micro_batch_size=cfg["micro_batch_size"],
+                weight_decay=cfg.get("weight_decay", 0.0),
                 sampling=workers.sampling_params(
                     cfg["n_samples_train"], cfg["max_tokens"], cfg["temperature"], cfg["top_p"], _stage_seed(cfg, ctx.round_index, 3)
                 ),
@@ -359,7 +395,7 @@ class Orchestrator:
             self.lease.renew(ctx.experiment_id)
             self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage="train", done=m.step, total=total, unit="steps", metrics=metrics)
 
-        result = workers.train(self.settings.trainer_address, self.settings.worker_deadline_s, request, on_step)
+        result = workers.train(self._addresses("trainer")[0], self.settings.worker_deadline_s, request, on_step)
         with self.sessions() as s:
             s.get(Round, ctx.round_id).checkpoint_out = result.checkpoint
             s.commit()
@@ -369,7 +405,8 @@ class Orchestrator:
     def _generate(self, ctx: StageContext, stage: str, problems: list[Problem], n: int, seed: int):
         """Fan a problem list out over the rollout replicas in shards; merge stats in order."""
         cfg = ctx.config
-        n_shards = min(len(problems), max(len(self.settings.rollout_addresses), len(self.settings.scoring_addresses)))
+        rollout_addresses = self._addresses("rollout")
+        n_shards = min(len(problems), max(len(rollout_addresses), len(self._addresses("scoring"))))
         size = -(-len(problems) // n_shards)
         jobs = []
         for i in range(n_shards):
@@ -378,7 +415,7 @@ class Orchestrator:
                 continue
             path = self.store.problems_path(ctx.experiment_id, ctx.round_index, stage, i)
             write_problems(path, shard)
-            address = self.settings.rollout_addresses[i % len(self.settings.rollout_addresses)]
+            address = rollout_addresses[i % len(rollout_addresses)]
             jobs.append((i, address, path))
         tracker = _ProgressTracker(self, ctx, stage, len(jobs))
 
@@ -396,6 +433,13 @@ class Orchestrator:
         results = _run_parallel(run, jobs)
         stats = [st for r in results for st in r.stats]
         return [r.output_path for r in results], stats, max(r.compute_seconds for r in results)
+
+    def _addresses(self, role: str) -> list[str]:
+        """Ready replicas of a worker (static settings, or Kubernetes EndpointSlices); none: retry later."""
+        addresses = self.discovery.addresses().get(role) or []
+        if not addresses:
+            raise WorkerUnavailable(role, "<no ready replica>", grpc.StatusCode.UNAVAILABLE, "discovery found no ready replica")
+        return addresses
 
     def _chunk_problems(self, ctx: StageContext) -> list[Problem]:
         cfg = ctx.config

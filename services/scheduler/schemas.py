@@ -35,6 +35,14 @@ class ExperimentCreate(BaseModel):
     clip_eps: float = Field(default=0.2, gt=0.0, le=1.0)
     kl_coef: float = Field(default=0.0, ge=0.0)
     micro_batch_size: int = Field(default=64, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    reuse_rollouts: bool = Field(
+        default=True, description="the first GRPO step of a round reuses the selected problems' scoring rollouts"
+    )
+    keep_last_checkpoints: int | None = Field(
+        default=None, ge=1, description="keep only the last N round checkpoints (plus keep_best_checkpoints); None keeps all"
+    )
+    keep_best_checkpoints: int = Field(default=1, ge=0, description="with keep_last_checkpoints: also keep the N best by validation reward")
 
     @field_validator("mode")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,9 +20,21 @@ class SchedulerSettings(BaseSettings):
     database_url: str = f"sqlite:///{DEFAULT_HOME / 'scheduler.db'}"
     redis_url: str | None = Field(default=None, description="Redis for live events; None: in-process bus")
     artifact_root: Path = DEFAULT_HOME / "artifacts"
+    data_root: Path = Field(
+        default=DEFAULT_HOME / "data", description="dataset files named by path must lie under it (or the artifact store)"
+    )
     rollout_addresses: list[str] = ["127.0.0.1:50051"]
     scoring_addresses: list[str] = ["127.0.0.1:50052"]
     trainer_address: str = "127.0.0.1:50053"
+    discovery: Literal["static", "kubernetes"] = Field(
+        default="static", description="static: the address lists above; kubernetes: ready pods from EndpointSlices"
+    )
+    discovery_namespace: str | None = None
+    rollout_service: str | None = None
+    scoring_service: str | None = None
+    trainer_service: str | None = None
+    discovery_port_name: str = "grpc"
+    discovery_refresh_s: float = Field(default=5.0, gt=0)
     worker_deadline_s: float = Field(default=3600.0, gt=0, description="deadline of one worker call")
     retry_limit: int = Field(default=20, ge=0, description="retries of a stage whose worker is unavailable")
     retry_backoff_s: float = Field(default=1.0, ge=0, description="first backoff; doubles up to retry_backoff_max_s")

@@ -2,21 +2,34 @@
 
 A request names a starting checkpoint, a parquet file of the selected problems and the
 directory to write the next checkpoint to. The service validates everything it can
-before touching the model, runs the GRPO loop (services.trainer.grpo) streaming one
-StepMetrics per optimizer step, writes the checkpoint, then sends one TrainResult.
+before touching the model, runs the GRPO loop streaming one StepMetrics per optimizer
+step, writes the checkpoint, then sends one TrainResult. Two backends (settings.backend):
+`torch` runs services.trainer.grpo in this process; `verl` runs verl's GRPO trainer and
+model merger as subprocesses (services.trainer.verl_backend).
 
 Atomicity and retries: the new checkpoint is built in a temporary directory beside
-`output_checkpoint` (save_checkpoint + a `gradalign-train.json` marker holding the
-request id, the step metrics and the compute time) and renamed into place only when
-complete, so a failed or killed trainer leaves nothing at `output_checkpoint`. A request
-whose `request_id` matches the marker of an existing `output_checkpoint` is answered from
-the marker (the recorded step metrics, then the result) without training again.
+`output_checkpoint` (the model + a `gradalign-train.json` marker holding the request id,
+the step metrics and the compute time, + the optimizer state when asked) and renamed
+into place only when complete, so a failed or killed trainer leaves nothing at
+`output_checkpoint` (a killed trainer's temporaries are swept at the next start-up,
+services.trainer.retention). A request whose `request_id` matches the marker of an
+existing `output_checkpoint` is answered from the marker (the recorded step metrics,
+then the result) without training again.
+
+Rollout reuse (`rollouts_paths`, torch backend): the first step takes its batch's
+responses from the scoring stage's rollout shards (services.trainer.reuse).
+KL reference: `reference_checkpoint` (the run's initial model), else the starting
+checkpoint; loaded only when kl_coef > 0 and kept loaded between requests.
+Optimizer state (`export_optimizer_state`, torch backend): AdamW's exp_avg_sq after the
+last step, written with gradalign_common.optimizer_state inside the new checkpoint at
+OPTIMIZER_STATE_NAME (a subdirectory, so model loaders that glob *.safetensors in the
+checkpoint never see it); TrainResult.optimizer_state_path names it.
 
 Hyperparameters: proto3 cannot tell an unset number from 0, so 0 means "the default"
-for clip_eps (0.2), max_grad_norm (1.0), micro_batch_size (16) and sampling.top_p (1.0).
-steps, batch_size, learning_rate, sampling.n (>= 2), sampling.max_tokens and
-sampling.temperature must be set. Per-step sampling seeds derive from hyperparams.seed;
-sampling.seed is not used. With kl_coef > 0 the reference model is the starting checkpoint.
+for clip_eps (0.2), max_grad_norm (1.0), micro_batch_size (16) and sampling.top_p (1.0);
+weight_decay 0 is no decay. steps, batch_size, learning_rate, sampling.n (>= 2),
+sampling.max_tokens and sampling.temperature must be set. Per-step sampling seeds derive
+from hyperparams.seed; sampling.seed is not used.
 TrainResult.compute_seconds is the time spent loading and training (not saving).
 One request trains at a time; others wait.
 """
@@ -25,10 +38,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -36,6 +51,7 @@ from gradalign_common.artifacts import atomic_path
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled
 from gradalign_common.logging_setup import configure_logging, get_logger
+from gradalign_common.model_cache import ModelCache
 from gradalign_common.modeling import (
     check_model_dir,
     configure_torch_threads,
@@ -43,13 +59,25 @@ from gradalign_common.modeling import (
     load_tokenizer,
     save_checkpoint,
 )
+from gradalign_common.optimizer_state import state_from_torch_optimizer, write_optimizer_state
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
-from gradalign_common.records import read_problems
+from gradalign_common.records import Problem, RolloutRecord, read_problems
 from services.trainer.grpo import GRPOConfig, GRPOTrainer, StepMetrics
+from gradalign_common.checkpoint_retention import sweep_stale_checkpoint_temporaries
+from services.trainer.reuse import first_batch_rollouts
 from services.trainer.settings import TrainerSettings
+from services.trainer.verl_backend import (
+    VerlRunError,
+    check_problems,
+    check_verl_request,
+    iter_verl,
+    new_work_dir,
+    prepare_job,
+)
 
 SERVICE_NAME = "gradalign.v1.TrainerService"
 MARKER_NAME = "gradalign-train.json"
+OPTIMIZER_STATE_NAME = "gradalign-optimizer/adam_second_moment.safetensors"
 
 log = get_logger("gradalign.trainer")
 
@@ -64,6 +92,7 @@ def config_from_proto(hp: training_pb2.TrainHyperparams) -> GRPOConfig:
         ("hyperparams.sampling.n", s.n >= 2, "must be >= 2 (responses per problem; GRPO compares them)"),
         ("hyperparams.sampling.max_tokens", s.max_tokens >= 1, "must be >= 1"),
         ("hyperparams.sampling.temperature", s.temperature > 0, "must be > 0 (GRPO samples its responses)"),
+        ("hyperparams.weight_decay", hp.weight_decay >= 0, "must be >= 0"),
     ]
     for name, ok, rule in required:
         if not ok:
@@ -83,6 +112,7 @@ def config_from_proto(hp: training_pb2.TrainHyperparams) -> GRPOConfig:
         temperature=s.temperature,
         top_p=s.top_p or 1.0,
         seed=hp.seed,
+        weight_decay=hp.weight_decay,
         stop=tuple(s.stop),
     )
     try:
@@ -97,9 +127,16 @@ def step_event(metrics: StepMetrics | dict) -> training_pb2.TrainEvent:
     return training_pb2.TrainEvent(step=training_pb2.StepMetrics(**values))
 
 
-def result_event(checkpoint: str, steps: int, compute_seconds: float) -> training_pb2.TrainEvent:
+def result_event(
+    checkpoint: str, steps: int, compute_seconds: float, optimizer_state_path: str = ""
+) -> training_pb2.TrainEvent:
     return training_pb2.TrainEvent(
-        result=training_pb2.TrainResult(checkpoint=checkpoint, steps=steps, compute_seconds=compute_seconds)
+        result=training_pb2.TrainResult(
+            checkpoint=checkpoint,
+            steps=steps,
+            compute_seconds=compute_seconds,
+            optimizer_state_path=optimizer_state_path,
+        )
     )
 
 
@@ -112,20 +149,80 @@ def read_marker(checkpoint_dir: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def write_checkpoint(model, tokenizer, dest: Path, marker: dict) -> None:
-    """Build the checkpoint plus its marker in a temporary directory and rename it onto dest."""
+def _write_marker(staging: Path, marker: dict) -> None:
+    with open(staging / MARKER_NAME, "w") as fh:
+        json.dump(marker, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_checkpoint(
+    model, tokenizer, dest: Path, marker: dict, extra: Callable[[Path], None] | None = None
+) -> None:
+    """Build the checkpoint (+ whatever `extra(staging)` adds) and its marker in a temporary directory,
+    then rename it onto dest."""
     with atomic_path(dest) as staging:
         save_checkpoint(model, tokenizer, staging)
-        with open(staging / MARKER_NAME, "w") as fh:
-            json.dump(marker, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if extra is not None:
+            extra(staging)
+        _write_marker(staging, marker)
+
+
+def write_optimizer_state_of(model, optimizer, path: Path) -> Path:
+    """AdamW's second moments of `model` (gradalign_common.optimizer_state format) to path."""
+    state = state_from_torch_optimizer(model, optimizer)
+    return write_optimizer_state(path, state.exp_avg_sq, step=state.step, beta2=state.beta2, eps=state.eps)
+
+
+def startup_housekeeping(settings: TrainerSettings) -> list[Path]:
+    """Remove the temporaries a killed trainer left (checkpoint root, verl scratch); returns them."""
+    if settings.stale_temp_minutes is None:
+        return []
+    older_than_s = settings.stale_temp_minutes * 60.0
+    removed = sweep_stale_checkpoint_temporaries(settings.resolved_checkpoint_root(), older_than_s)
+    if settings.verl_work_dir is not None:
+        removed += sweep_stale_checkpoint_temporaries(settings.verl_work_dir, older_than_s)
+    return removed
+
+
+@dataclass
+class TrainPlan:
+    """A validated request: everything the training needs, resolved to paths."""
+
+    request_id: str
+    config: GRPOConfig
+    checkpoint: Path
+    reference: Path | None  # the KL reference; None without KL
+    problems_path: Path
+    problems: list[Problem]
+    output: Path
+    rollouts_paths: list[Path]
+    reused: dict[str, list[RolloutRecord]]
+    export_optimizer_state: bool
+
+    def marker(self, backend: str, history: list[StepMetrics], compute_seconds: float, optimizer_state: str | None):
+        return {
+            "request_id": self.request_id,
+            "backend": backend,
+            "checkpoint": str(self.checkpoint),
+            "reference_checkpoint": str(self.reference) if self.reference else None,
+            "problems_path": str(self.problems_path),
+            "rollouts_paths": [str(p) for p in self.rollouts_paths],
+            "reused_problems": sorted(pid for pid, rs in self.reused.items() if len(rs) >= self.config.n_samples),
+            "steps": len(history),
+            "compute_seconds": compute_seconds,
+            "config": {**self.config.__dict__, "stop": list(self.config.stop)},
+            "metrics": [m.as_dict() for m in history],
+            "optimizer_state": optimizer_state,
+        }
 
 
 class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
     def __init__(self, settings: TrainerSettings):
         self.settings = settings
         self._lock = threading.Lock()  # one training at a time: it uses the whole device
+        # the KL reference (the run's initial model) is the same every round: keep it loaded
+        self._references = ModelCache(device=settings.device, dtype=settings.dtype)
 
     @rpc_errors("trainer")
     def Train(
@@ -141,9 +238,21 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             log.info("train_already_done", request_id=request.request_id, checkpoint=str(output))
             for metrics in done.get("metrics", []):
                 yield step_event(metrics)
-            yield result_event(str(output), int(done["steps"]), float(done["compute_seconds"]))
+            state = done.get("optimizer_state")
+            yield result_event(
+                str(output), int(done["steps"]), float(done["compute_seconds"]), str(output / state) if state else ""
+            )
             return
 
+        plan = self._plan(request, output)
+        with self._lock:
+            if self.settings.backend == "verl":
+                yield from self._train_verl(plan, context)
+            else:
+                yield from self._train_torch(plan, context)
+
+    def _plan(self, request: training_pb2.TrainRequest, output: Path) -> TrainPlan:
+        """Validate the request (raising InvalidInputError/NotFoundError) before anything is loaded or written."""
         if not request.checkpoint:
             raise InvalidInputError("checkpoint is required")
         if not request.problems_path:
@@ -152,6 +261,11 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
         checkpoint = check_model_dir(self.settings.checkpoint_path(request.checkpoint))
         if output.resolve() == checkpoint:
             raise InvalidInputError(f"output_checkpoint must differ from checkpoint ({checkpoint})")
+        reference = None
+        if config.kl_coef > 0:
+            reference = checkpoint
+            if request.reference_checkpoint:
+                reference = check_model_dir(self.settings.checkpoint_path(request.reference_checkpoint))
         problems_path = self.settings.artifact_path(request.problems_path)
         problems = read_problems(problems_path)
         if not problems:
@@ -160,45 +274,130 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             raise InvalidInputError(
                 f"hyperparams.batch_size {config.batch_size} is larger than the selection ({len(problems)} problems)"
             )
+        rollouts_paths = [self.settings.artifact_path(p) for p in request.rollouts_paths if p]
+        reused: dict[str, list[RolloutRecord]] = {}
+        if self.settings.backend == "verl":
+            check_problems(problems)
+            if request.export_optimizer_state:
+                raise InvalidInputError("export_optimizer_state is not supported by the verl backend")
+            check_verl_request(config, len(problems), self.settings.verl_options())
+            if rollouts_paths:
+                log.info("rollout_reuse_ignored", reason="the verl backend samples every step", paths=len(rollouts_paths))
+                rollouts_paths = []
+        elif rollouts_paths:
+            reused = first_batch_rollouts(rollouts_paths, problems, config)
+        return TrainPlan(
+            request_id=request.request_id,
+            config=config,
+            checkpoint=checkpoint,
+            reference=reference,
+            problems_path=problems_path,
+            problems=problems,
+            output=output,
+            rollouts_paths=rollouts_paths,
+            reused=reused,
+            export_optimizer_state=request.export_optimizer_state,
+        )
 
-        with self._lock:
-            start = time.perf_counter()
-            model = load_model(checkpoint, device=self.settings.device, dtype=self.settings.dtype)
-            tokenizer = load_tokenizer(checkpoint)
-            ref_model = None
-            if config.kl_coef > 0:
-                ref_model = load_model(checkpoint, device=self.settings.device, dtype=self.settings.dtype)
-            trainer = GRPOTrainer(model, tokenizer, problems, config, ref_model=ref_model)
-            log.info(
-                "train_started", request_id=request.request_id, checkpoint=str(checkpoint), problems=len(problems)
-            )
-            history: list[StepMetrics] = []
-            for _ in range(config.steps):
-                if not context.is_active():
-                    log.info("train_cancelled", request_id=request.request_id, steps_done=len(history))
-                    return
-                metrics = trainer.step()
-                history.append(metrics)
-                yield step_event(metrics)
-            compute_seconds = time.perf_counter() - start
-            marker = {
-                "request_id": request.request_id,
-                "checkpoint": str(checkpoint),
-                "problems_path": str(problems_path),
-                "steps": len(history),
-                "compute_seconds": compute_seconds,
-                "config": {**config.__dict__, "stop": list(config.stop)},
-                "metrics": [m.as_dict() for m in history],
-            }
-            write_checkpoint(model, tokenizer, output, marker)
+    def _reference_model(self, reference: Path):
+        with self._references.lock:
+            model, _ = self._references.get(reference)
+        return model
+
+    def _train_torch(self, plan: TrainPlan, context: grpc.ServicerContext) -> Iterator[training_pb2.TrainEvent]:
+        config = plan.config
+        start = time.perf_counter()
+        model = load_model(plan.checkpoint, device=self.settings.device, dtype=self.settings.dtype)
+        tokenizer = load_tokenizer(plan.checkpoint)
+        ref_model = self._reference_model(plan.reference) if plan.reference is not None else None
+        trainer = GRPOTrainer(model, tokenizer, plan.problems, config, ref_model=ref_model, first_batch_rollouts=plan.reused)
+        log.info(
+            "train_started",
+            request_id=plan.request_id,
+            backend="torch",
+            checkpoint=str(plan.checkpoint),
+            problems=len(plan.problems),
+            reused_problems=sum(len(rs) >= config.n_samples for rs in plan.reused.values()),
+        )
+        history: list[StepMetrics] = []
+        for _ in range(config.steps):
+            if not context.is_active():
+                log.info("train_cancelled", request_id=plan.request_id, steps_done=len(history))
+                return
+            metrics = trainer.step()
+            history.append(metrics)
+            yield step_event(metrics)
+        compute_seconds = time.perf_counter() - start
+
+        state_name = OPTIMIZER_STATE_NAME if plan.export_optimizer_state else None
+
+        def add_optimizer_state(staging: Path) -> None:
+            write_optimizer_state_of(model, trainer.optimizer, staging / OPTIMIZER_STATE_NAME)
+
+        marker = plan.marker("torch", history, compute_seconds, state_name)
+        write_checkpoint(model, tokenizer, plan.output, marker, add_optimizer_state if state_name else None)
+        yield self._finished(plan, history, compute_seconds, state_name)
+
+    def _train_verl(self, plan: TrainPlan, context: grpc.ServicerContext) -> Iterator[training_pb2.TrainEvent]:
+        settings = self.settings
+        options = settings.verl_options()
+        start = time.perf_counter()
+        history: list[StepMetrics] = []
+        work_root = settings.verl_work_dir if settings.verl_work_dir is not None else plan.output.parent
+        work_dir = new_work_dir(work_root, plan.output.name)
+        log.info("train_started", request_id=plan.request_id, backend="verl", work_dir=str(work_dir))
+        try:
+            with atomic_path(plan.output) as staging:
+                job = prepare_job(
+                    plan.problems,
+                    plan.config,
+                    model_path=plan.checkpoint,
+                    output_dir=staging,
+                    work_dir=work_dir,
+                    options=options,
+                    reference_path=plan.reference,
+                    tokenizer=load_tokenizer(plan.checkpoint),
+                    experiment_name=plan.output.name,
+                )
+                try:
+                    for metrics in iter_verl(
+                        job,
+                        plan.config,
+                        options.n_gpus,
+                        should_stop=lambda: not context.is_active(),
+                        timeout_s=settings.verl_timeout_s,
+                    ):
+                        history.append(metrics)
+                        yield step_event(metrics)
+                except VerlRunError:
+                    if not context.is_active():
+                        log.info("train_cancelled", request_id=plan.request_id, steps_done=len(history))
+                        raise _Cancelled() from None
+                    raise
+                compute_seconds = time.perf_counter() - start
+                _write_marker(staging, plan.marker("verl", history, compute_seconds, None))
+        except _Cancelled:
+            return
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        yield self._finished(plan, history, compute_seconds, None)
+
+    def _finished(
+        self, plan: TrainPlan, history: list[StepMetrics], compute_seconds: float, state_name: str | None
+    ) -> training_pb2.TrainEvent:
         log.info(
             "trained",
-            request_id=request.request_id,
-            output=str(output),
+            request_id=plan.request_id,
+            output=str(plan.output),
             steps=len(history),
             seconds=round(compute_seconds, 3),
         )
-        yield result_event(str(output), len(history), compute_seconds)
+        state_path = str(plan.output / state_name) if state_name else ""
+        return result_event(str(plan.output), len(history), compute_seconds, state_path)
+
+
+class _Cancelled(Exception):
+    """The client went away during a verl run (internal: ends the RPC quietly)."""
 
 
 def create_server(settings: TrainerSettings):
@@ -211,10 +410,11 @@ def create_server(settings: TrainerSettings):
 def serve(settings: TrainerSettings) -> None:
     configure_logging("trainer", settings.log_level)
     configure_torch_threads(settings.torch_threads)
+    startup_housekeeping(settings)
     server, health, port = create_server(settings)
     server.start()
     mark_serving(health, [SERVICE_NAME])
-    log.info("serving", address=f"{settings.host}:{port}")
+    log.info("serving", address=f"{settings.host}:{port}", backend=settings.backend)
     run_until_signalled(server, health, settings.metrics_host, settings.metrics_port)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -11,7 +12,12 @@ from gradalign_common.settings import WorkerSettings
 
 
 class TrainerSettings(WorkerSettings):
-    """The trainer worker's settings: the common worker settings, port 50053, where checkpoints go."""
+    """The trainer worker's settings: the common worker settings, port 50053, where checkpoints go.
+
+    backend: `torch` trains in this process (CPU or one GPU); `verl` launches verl's GRPO
+    trainer as a subprocess for GPU clusters (services/trainer/verl_backend.py), with the
+    `verl_*` knobs below.
+    """
 
     model_config = SettingsConfigDict(env_prefix="GRADALIGN_TRAINER_", extra="ignore")
 
@@ -20,6 +26,30 @@ class TrainerSettings(WorkerSettings):
     checkpoint_root: Path | None = Field(
         default=None, description="base of relative checkpoint paths in requests; None = artifact_root"
     )
+    backend: Literal["torch", "verl"] = "torch"
+
+    # checkpoint housekeeping (services/trainer/retention.py)
+    keep_last: int = Field(default=3, ge=1, description="retention: keep the latest N round checkpoints")
+    keep_best: int = Field(default=1, ge=0, description="retention: also keep the N best by validation reward")
+    stale_temp_minutes: float | None = Field(
+        default=60.0,
+        ge=0,
+        description="at start-up remove temporaries under the checkpoint root untouched this long; None = never",
+    )
+
+    # verl backend
+    verl_python: str = Field(default="python3", description="the interpreter that has verl installed")
+    verl_n_gpus_per_node: int = Field(default=1, ge=1)
+    verl_nnodes: int = Field(default=1, ge=1)
+    verl_tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM rollout tensor parallelism")
+    verl_gpu_memory_utilization: float = Field(default=0.6, gt=0, le=1, description="vLLM's share of each GPU")
+    verl_micro_batch_size_per_gpu: int = Field(default=4, ge=1, description="responses per forward/backward per GPU")
+    verl_max_prompt_length: int = Field(default=1024, ge=1, description="at least; raised to the longest prompt")
+    verl_extra_overrides: list[str] = Field(default_factory=list, description="Hydra overrides appended last")
+    verl_work_dir: Path | None = Field(
+        default=None, description="scratch for verl's dataset and FSDP checkpoints; None = beside the output"
+    )
+    verl_timeout_s: float | None = Field(default=None, gt=0, description="limit of one verl run; None = none")
 
     def resolved_checkpoint_root(self) -> Path:
         return self.checkpoint_root if self.checkpoint_root is not None else self.artifact_root
@@ -33,3 +63,18 @@ class TrainerSettings(WorkerSettings):
         """A request's data file path: absolute as given, relative under the artifact root."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.artifact_root / p
+
+    def verl_options(self):
+        """The verl_* settings as services.trainer.verl_backend.VerlOptions."""
+        from services.trainer.verl_backend import VerlOptions
+
+        return VerlOptions(
+            python=self.verl_python,
+            n_gpus_per_node=self.verl_n_gpus_per_node,
+            nnodes=self.verl_nnodes,
+            tensor_parallel_size=self.verl_tensor_parallel_size,
+            gpu_memory_utilization=self.verl_gpu_memory_utilization,
+            micro_batch_size_per_gpu=self.verl_micro_batch_size_per_gpu,
+            max_prompt_length=self.verl_max_prompt_length,
+            extra_overrides=tuple(self.verl_extra_overrides),
+        )
