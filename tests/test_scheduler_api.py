@@ -192,3 +192,40 @@ def test_dataset_path_outside_the_data_root_is_refused(client, tmp_path, tiny_mo
         assert "train_dataset" in _field_of_422(client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, train_dataset=sneaky)))
     finally:
         outside.unlink()
+
+
+def _seed_results(app, tiny_model_dir, client):
+    """An experiment with one round of three scored candidates, two selected."""
+    from services.scheduler.db import Candidate, Round
+
+    exp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()
+    with app.state.sessions() as s:
+        rnd = Round(experiment_id=exp["id"], index=0, status="completed", checkpoint_in="-")
+        s.add(rnd)
+        s.flush()
+        for pid, score, rank in (("a", 0.9, 0), ("b", 0.5, 1), ("c", -0.2, None)):
+            s.add(Candidate(round_id=rnd.id, problem_id=pid, n_responses=4, accuracy=0.5, mean_reward=0.5,
+                            mean_response_length=3.0, score=score, zero_advantage=False, selected=rank is not None, rank=rank))
+        s.commit()
+    return exp["id"]
+
+
+def test_export_candidates_as_csv_and_parquet(client, tiny_model_dir):
+    import csv
+    import io
+
+    import pyarrow.parquet as pq
+
+    exp_id = _seed_results(client.app, tiny_model_dir, client)
+    resp = client.get(f"/api/v1/experiments/{exp_id}/candidates.csv")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(resp.text)))
+    assert [r["problem_id"] for r in rows] == ["a", "b", "c"]
+    assert rows[0]["selected"] == "True" and rows[2]["rank"] == "" and float(rows[1]["score"]) == 0.5
+
+    resp = client.get(f"/api/v1/experiments/{exp_id}/candidates.parquet", params={"round": 0})
+    table = pq.read_table(io.BytesIO(resp.content))
+    assert table.column("problem_id").to_pylist() == ["a", "b", "c"]
+    assert table.column("rank").to_pylist() == [0, 1, None]
+    assert client.get(f"/api/v1/experiments/{exp_id}/candidates.xlsx").status_code == 422
+    assert client.get("/api/v1/experiments/999/candidates.csv").status_code == 404

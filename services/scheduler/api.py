@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -89,6 +95,40 @@ def list_candidates(
     return CandidateList(
         round=round_index, items=[CandidateOut.model_validate(c) for c in items], total=total, offset=offset, limit=limit
     )
+
+
+@read.get("/api/v1/experiments/{experiment_id}/candidates.{fmt}", tags=["results"], response_class=Response)
+def export_candidates(
+    experiment_id: int,
+    fmt: Literal["csv", "parquet"],
+    request: Request,
+    round: int | None = Query(default=None, ge=0, description="one round only"),
+) -> Response:
+    """Every round's candidates (scores, accuracies, selection) as CSV or parquet."""
+    service = _service(request)
+    rows = service.export_rows(experiment_id, round)
+    columns = service.EXPORT_COLUMNS
+    name = f"experiment-{experiment_id}-candidates.{fmt}"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return Response(buf.getvalue(), media_type="text/csv", headers=headers)
+    table = pa.Table.from_pylist([dict(zip(columns, r)) for r in rows], schema=EXPORT_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return Response(sink.getvalue(), media_type="application/vnd.apache.parquet", headers=headers)
+
+
+EXPORT_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()), ("problem_id", pa.string()), ("n_responses", pa.int32()), ("accuracy", pa.float64()),
+        ("mean_reward", pa.float64()), ("mean_response_length", pa.float64()), ("score", pa.float64()),
+        ("zero_advantage", pa.bool_()), ("selected", pa.bool_()), ("rank", pa.int32()),
+    ]
+)
 
 
 @read.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/train-steps", response_model=list[TrainStepOut], tags=["results"])

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from gradalign_common.logging_setup import configure_logging, get_logger
 from services.scheduler.api import install_error_handlers, router
+from services.scheduler.dashboard import router as dashboard_router
 from services.scheduler.auth import TokenStore
 from services.scheduler.db import make_engine, make_session_factory
 from services.scheduler.migrate import upgrade
@@ -51,6 +52,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     if settings.bootstrap_token:
         app.state.tokens.ensure("bootstrap", settings.bootstrap_token)
     app.include_router(router)
+    app.include_router(dashboard_router)
     install_error_handlers(app)
     return app
 

@@ -142,6 +142,28 @@ class ExperimentService:
             ).all()
             return list(items), total
 
+    EXPORT_COLUMNS = (
+        "round", "problem_id", "n_responses", "accuracy", "mean_reward", "mean_response_length",
+        "score", "zero_advantage", "selected", "rank",
+    )
+
+    def export_rows(self, exp_id: int, round_index: int | None = None):
+        """Every candidate of the experiment (or of one round) as tuples of EXPORT_COLUMNS, by round and rank."""
+        self.get(exp_id)
+        q = (
+            select(
+                Round.index, Candidate.problem_id, Candidate.n_responses, Candidate.accuracy, Candidate.mean_reward,
+                Candidate.mean_response_length, Candidate.score, Candidate.zero_advantage, Candidate.selected, Candidate.rank,
+            )
+            .join(Round, Candidate.round_id == Round.id)
+            .where(Round.experiment_id == exp_id)
+            .order_by(Round.index, Candidate.rank.is_(None), Candidate.rank, Candidate.problem_id)
+        )
+        if round_index is not None:
+            q = q.where(Round.index == round_index)
+        with self.sessions() as s:
+            return [tuple(r) for r in s.execute(q)]
+
     def train_steps(self, exp_id: int, index: int) -> list[TrainStep]:
         self.get(exp_id)
         with self.sessions() as s:
