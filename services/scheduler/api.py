@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -25,15 +25,27 @@ from services.scheduler.schemas import (
     CandidateOut,
     ExperimentCreate,
     ExperimentList,
+    ErrorOut,
     ExperimentOut,
     ProblemDetail,
+    ReadinessOut,
     RoundOut,
     TrainStepOut,
 )
 
+ExperimentId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+RoundIndex = Annotated[int, Path(ge=0, le=2**31 - 1)]
+ERRORS = {
+    401: {"model": ErrorOut, "description": "missing bearer token"},
+    403: {"model": ErrorOut, "description": "invalid or revoked token"},
+    404: {"model": ErrorOut, "description": "no such experiment, round or problem"},
+}
 router = APIRouter()
-read = APIRouter(dependencies=[Depends(require_reader)])
-write = APIRouter(dependencies=[Depends(require_writer)])
+read = APIRouter(dependencies=[Depends(require_reader)], responses=ERRORS)
+write = APIRouter(
+    dependencies=[Depends(require_writer)],
+    responses={**ERRORS, 409: {"model": ErrorOut, "description": "not allowed in the experiment's current status"}},
+)
 
 
 def _service(request: Request) -> ExperimentService:
@@ -49,7 +61,7 @@ def create_experiment(body: ExperimentCreate, request: Request) -> ExperimentOut
 def list_experiments(
     request: Request,
     status: str | None = Query(default=None, pattern="^(pending|running|completed|failed|cancelled)$"),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=2**31 - 1),
     limit: int = Query(default=50, ge=1, le=500),
 ) -> ExperimentList:
     items, total = _service(request).list(status, offset, limit)
@@ -57,38 +69,38 @@ def list_experiments(
 
 
 @read.get("/api/v1/experiments/{experiment_id}", response_model=ExperimentOut, tags=["experiments"])
-def get_experiment(experiment_id: int, request: Request) -> ExperimentOut:
+def get_experiment(experiment_id: ExperimentId, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).get(experiment_id))
 
 
 @write.post("/api/v1/experiments/{experiment_id}/cancel", response_model=ExperimentOut, tags=["experiments"])
-def cancel_experiment(experiment_id: int, request: Request) -> ExperimentOut:
+def cancel_experiment(experiment_id: ExperimentId, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).cancel(experiment_id))
 
 
 @write.post("/api/v1/experiments/{experiment_id}/resume", response_model=ExperimentOut, tags=["experiments"])
-def resume_experiment(experiment_id: int, request: Request) -> ExperimentOut:
+def resume_experiment(experiment_id: ExperimentId, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).resume(experiment_id))
 
 
 @write.delete("/api/v1/experiments/{experiment_id}", status_code=204, tags=["experiments"])
-def delete_experiment(experiment_id: int, request: Request) -> Response:
+def delete_experiment(experiment_id: ExperimentId, request: Request) -> Response:
     _service(request).delete(experiment_id)
     return Response(status_code=204)
 
 
 @read.get("/api/v1/experiments/{experiment_id}/rounds", response_model=list[RoundOut], tags=["results"])
-def list_rounds(experiment_id: int, request: Request) -> list[RoundOut]:
+def list_rounds(experiment_id: ExperimentId, request: Request) -> list[RoundOut]:
     return [RoundOut.model_validate(r) for r in _service(request).rounds(experiment_id)]
 
 
 @read.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/candidates", response_model=CandidateList, tags=["results"])
 def list_candidates(
-    experiment_id: int,
-    round_index: int,
+    experiment_id: ExperimentId,
+    round_index: RoundIndex,
     request: Request,
     selected: bool | None = None,
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=2**31 - 1),
     limit: int = Query(default=100, ge=1, le=10_000),
 ) -> CandidateList:
     items, total = _service(request).candidates(experiment_id, round_index, selected, offset, limit)
@@ -99,10 +111,10 @@ def list_candidates(
 
 @read.get("/api/v1/experiments/{experiment_id}/candidates.{fmt}", tags=["results"], response_class=Response)
 def export_candidates(
-    experiment_id: int,
+    experiment_id: ExperimentId,
     fmt: Literal["csv", "parquet"],
     request: Request,
-    round: int | None = Query(default=None, ge=0, description="one round only"),
+    round: int | None = Query(default=None, ge=0, le=2**31 - 1, description="one round only"),
 ) -> Response:
     """Every round's candidates (scores, accuracies, selection) as CSV or parquet."""
     service = _service(request)
@@ -132,14 +144,14 @@ EXPORT_SCHEMA = pa.schema(
 
 
 @read.get("/api/v1/experiments/{experiment_id}/rounds/{round_index}/train-steps", response_model=list[TrainStepOut], tags=["results"])
-def list_train_steps(experiment_id: int, round_index: int, request: Request) -> list[TrainStepOut]:
+def list_train_steps(experiment_id: ExperimentId, round_index: RoundIndex, request: Request) -> list[TrainStepOut]:
     return [TrainStepOut.model_validate(t) for t in _service(request).train_steps(experiment_id, round_index)]
 
 
 @read.get(
     "/api/v1/experiments/{experiment_id}/rounds/{round_index}/problems/{problem_id}", response_model=ProblemDetail, tags=["results"]
 )
-def get_problem(experiment_id: int, round_index: int, problem_id: str, request: Request) -> ProblemDetail:
+def get_problem(experiment_id: ExperimentId, round_index: RoundIndex, problem_id: str, request: Request) -> ProblemDetail:
     return ProblemDetail.model_validate(_service(request).problem(experiment_id, round_index, problem_id))
 
 
@@ -169,7 +181,11 @@ def liveness() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get(
+    "/readyz",
+    tags=["health"],
+    responses={200: {"model": ReadinessOut}, 503: {"model": ReadinessOut, "description": "the database or a worker is not reachable"}},
+)
 def readiness(request: Request) -> JSONResponse:
     checks: dict[str, bool] = {}
     try:
@@ -189,7 +205,7 @@ def readiness(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", tags=["health"])
+@router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
 def metrics() -> PlainTextResponse:
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -5,9 +5,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gradalign_common.selection import mode_names
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC, so say so (RFC 3339 needs an offset)."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+UtcDatetime = Annotated[dt.datetime, AfterValidator(_as_utc)]
 
 
 class ExperimentCreate(BaseModel):
@@ -89,8 +99,8 @@ class StageOut(BaseModel):
     progress_total: int
     progress_unit: str | None
     compute_seconds: float
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class RoundOut(BaseModel):
@@ -104,8 +114,8 @@ class RoundOut(BaseModel):
     candidate_accuracy: float | None
     compute_seconds: float
     overhead_seconds: float | None
-    started_at: dt.datetime
-    finished_at: dt.datetime | None
+    started_at: UtcDatetime
+    finished_at: UtcDatetime | None
     stages: list[StageOut]
 
 
@@ -122,10 +132,10 @@ class ExperimentOut(BaseModel):
     pool_size: int
     error: str | None
     status_detail: str | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class ExperimentList(BaseModel):
@@ -183,3 +193,12 @@ class ProblemDetail(BaseModel):
     selected: bool
     rank: int | None
     responses: list[ResponseOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str | list[dict[str, Any]]
+
+
+class ReadinessOut(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
