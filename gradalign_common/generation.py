@@ -1,9 +1,12 @@
 """Batched sampling with transformers' generate, and turning samples into rewarded rollouts.
 
-Prompts are left-padded into one batch and each is sampled n times in the same
-generate call (num_return_sequences), with the KV cache on. A batch's samples are
-deterministic for (seed, batch index). Used by the rollout service (hf backend) and
-by the trainer for its on-policy rollouts.
+Prompts are sorted by length (so a batch carries little padding), left-padded into batches
+of `batch_size` prompts, and each prompt is sampled n times in the same generate call
+(num_return_sequences), with the KV cache on. Results come back in the input order. A
+batch's samples are deterministic for (seed, batch index), so a call is deterministic for
+(seed, prompts, batch_size). Used by the rollout service (hf backend) and by the trainer for
+its on-policy rollouts. `sample_responses_unbatched` (one generate call per response) is the
+baseline that `gradalign bench rollout` compares against.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from gradalign_common.prompts import render_prompt
+from gradalign_common.prompts import decode_messages, render_prompt
 from gradalign_common.records import Problem, RolloutRecord
-from gradalign_common.rewards import compute_reward, get_reward_fn
+from gradalign_common.rewards import BatchJudge, RewardItem, get_reward_fn, score_batch
 
 
 @dataclass(frozen=True)
@@ -29,63 +32,133 @@ class Sampling:
 
 
 ProgressFn = Callable[[int, int], None]
+Response = tuple[list[int], str]  # (response token ids, finish reason "stop" | "length")
 
 
 def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
-@torch.no_grad()
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The torch seed of one generate batch: distinct per (seed, batch) and within int64."""
+    return (seed * 1_000_003 + batch_index) % (2**63 - 1)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool = True) -> list[list[int]]:
+    """Indices grouped into batches of at most batch_size, longest prompts first (stable) when sorting."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(lengths)))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _generate(model, input_ids: torch.Tensor, attention: torch.Tensor, sampling: Sampling, n: int, eos_id, pad_id):
+    do_sample = sampling.temperature > 0
+    kwargs = dict(temperature=sampling.temperature, top_p=sampling.top_p) if do_sample else {}
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention,
+        max_new_tokens=sampling.max_tokens,
+        do_sample=do_sample,
+        num_return_sequences=n,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+        top_k=None,
+        **kwargs,
+    )
+
+
+def _seeded(device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@torch.inference_mode()
 def sample_responses(
-    model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, batch_size: int = 32
-) -> list[list[tuple[list[int], str]]]:
-    """For each prompt, sampling.n (response_ids, finish_reason); response ids end at EOS (kept) or max_tokens."""
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: Sampling,
+    batch_size: int = 32,
+    sort_by_length: bool = True,
+    progress: ProgressFn | None = None,
+) -> list[list[Response]]:
+    """For each prompt (in input order), sampling.n (response_ids, finish_reason); response ids end
+    at EOS (kept), at the first stop string, or at max_tokens. The caller's torch RNG is left as it was."""
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[list[tuple[list[int], str]]] = []
-    for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
-        chunk = prompt_ids[start : start + batch_size]
+    out: list[list[Response] | None] = [None] * len(prompt_ids)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size, sort_by_length)
+    done = 0
+    for b, idx in enumerate(batches):
+        chunk = [prompt_ids[i] for i in idx]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, ids in enumerate(chunk):
             input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[i, width - len(ids) :] = 1
-        torch.manual_seed(sampling.seed * 1_000_003 + b)
-        do_sample = sampling.temperature > 0
-        kwargs = dict(temperature=sampling.temperature, top_p=sampling.top_p) if do_sample else {}
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            max_new_tokens=sampling.max_tokens,
-            do_sample=do_sample,
-            num_return_sequences=sampling.n,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            use_cache=True,
-            top_k=None,
-            **kwargs,
-        )[:, width:].cpu()
-        for i in range(len(chunk)):
-            samples = []
-            for j in range(sampling.n):
-                row = generated[i * sampling.n + j].tolist()
-                samples.append(_cut_response(row, eos_id, pad_id, tokenizer, sampling.stop))
-            out.append(samples)
+        with _seeded(device):
+            torch.manual_seed(batch_seed(sampling.seed, b))
+            generated = _generate(model, input_ids.to(device), attention.to(device), sampling, sampling.n, eos_id, pad_id)
+        rows = generated[:, width:].cpu().tolist()
+        for i, original in enumerate(idx):
+            out[original] = [
+                cut_response(rows[i * sampling.n + j], eos_id, tokenizer, sampling.stop) for j in range(sampling.n)
+            ]
+        done += len(idx)
+        if progress:
+            progress(done, len(prompt_ids))
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def sample_responses_unbatched(
+    model, tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: Sampling
+) -> list[list[Response]]:
+    """The naive baseline: one generate call per response (batch of one, no padding)."""
+    device = next(model.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = []
+    for p, ids in enumerate(prompt_ids):
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        attention = torch.ones_like(input_ids)
+        samples = []
+        for j in range(sampling.n):
+            with _seeded(device):
+                torch.manual_seed(batch_seed(sampling.seed, p * sampling.n + j))
+                row = _generate(model, input_ids, attention, sampling, 1, eos_id, pad_id)[0, len(ids) :].cpu().tolist()
+            samples.append(cut_response(row, eos_id, tokenizer, sampling.stop))
+        out.append(samples)
     return out
 
 
-def _cut_response(row: list[int], eos_id: int, pad_id: int, tokenizer, stop: Sequence[str]) -> tuple[list[int], str]:
+def cut_response(row: list[int], eos_id: int, tokenizer, stop: Sequence[str] = ()) -> Response:
+    """Trim generated ids after EOS (kept; finish "stop") or after the token that completes the
+    first stop string (finish "stop"); otherwise all of them (finish "length")."""
     if eos_id in row:
         ids, reason = row[: row.index(eos_id) + 1], "stop"
     else:
         ids, reason = row, "length"
-    if stop:
-        for k in range(1, len(ids) + 1):
-            text = tokenizer.decode(ids[:k], skip_special_tokens=True)
-            if any(s and text.endswith(s) for s in stop):
-                return ids[:k], "stop"
+    stops = [s for s in stop if s]
+    if stops:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if any(s in text for s in stops):
+            lo, hi = 1, len(ids)  # the shortest prefix whose text contains a stop string
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if any(s in tokenizer.decode(ids[:mid], skip_special_tokens=True) for s in stops):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return ids[:lo], "stop"
     return ids, reason
+
+
+def problem_text(problem: Problem) -> str:
+    """The problem's prompt as plain text (the chat messages' contents), for a model judge."""
+    return "\n".join(m["content"] for m in decode_messages(problem.prompt))
 
 
 def generate_rollouts(
@@ -95,31 +168,33 @@ def generate_rollouts(
     sampling: Sampling,
     batch_size: int = 32,
     progress: ProgressFn | None = None,
+    judge: BatchJudge | None = None,
 ) -> list[RolloutRecord]:
     """Sample sampling.n responses per problem and reward each; records grouped by problem, in order."""
     for p in problems:  # fail before any generation on an unknown data_source
         get_reward_fn(p.data_source)
+    ids = prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer) for p in problems])
+    samples = sample_responses(model, tokenizer, ids, sampling, batch_size=batch_size, progress=progress)
+    texts = [[tokenizer.decode(r, skip_special_tokens=True) for r, _ in responses] for responses in samples]
+    items = [
+        RewardItem(p.data_source, text, p.ground_truth, problem_text(p) if judge else "")
+        for p, ts in zip(problems, texts)
+        for text in ts
+    ]
+    scores = iter(score_batch(items, judge=judge))
     records: list[RolloutRecord] = []
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start : start + batch_size]
-        ids = prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer) for p in batch])
-        chunk_sampling = Sampling(**{**sampling.__dict__, "seed": sampling.seed + start})
-        samples = sample_responses(model, tokenizer, ids, chunk_sampling, batch_size=len(batch))
-        for problem, prompt, responses in zip(batch, ids, samples):
-            for response_ids, finish in responses:
-                text = tokenizer.decode(response_ids, skip_special_tokens=True)
-                reward, correct = compute_reward(problem.data_source, text, problem.ground_truth)
-                records.append(
-                    RolloutRecord(
-                        problem_id=problem.problem_id,
-                        prompt_ids=tuple(prompt),
-                        response_ids=tuple(response_ids),
-                        reward=reward,
-                        correct=correct,
-                        text=text,
-                        finish_reason=finish,
-                    )
+    for problem, prompt, responses, ts in zip(problems, ids, samples, texts):
+        for (response_ids, finish), text in zip(responses, ts):
+            reward, correct = next(scores)
+            records.append(
+                RolloutRecord(
+                    problem_id=problem.problem_id,
+                    prompt_ids=tuple(prompt),
+                    response_ids=tuple(response_ids),
+                    reward=reward,
+                    correct=correct,
+                    text=text,
+                    finish_reason=finish,
                 )
-        if progress:
-            progress(min(start + batch_size, len(problems)), len(problems))
+            )
     return records

@@ -54,12 +54,29 @@ def checkpoint_fingerprint(path: str | Path) -> tuple:
     return tuple(parts)
 
 
+_TOKENIZER_PROBE = "Hello, world 12 + 3 = 15\n\tx^2 \u222b \u00e9"
+
+
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer, encoding exactly as its tokenizer.json says.
+
+    AutoTokenizer may pick a model-specific class (e.g. Qwen2Tokenizer for any qwen2
+    config) that rebuilds the pipeline and tokenizes differently from the saved file (the
+    tiny model's character tokenizer would lose its spaces). When that happens the
+    generic fast tokenizer, which uses tokenizer.json as it is, is loaded instead.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        file = p / "tokenizer.json"
+        if file.is_file():
+            from tokenizers import Tokenizer
+
+            exact = Tokenizer.from_file(str(file)).encode(_TOKENIZER_PROBE, add_special_tokens=False).ids
+            if tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] != exact:
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"cannot load a tokenizer from {p}: {exc}") from None
     if tokenizer.pad_token_id is None:

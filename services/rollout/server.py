@@ -1,28 +1,43 @@
 """gRPC RolloutService: generate n rewarded samples per problem of a shard and write them as parquet.
 
-The model stays loaded between requests; a request naming another checkpoint swaps the
-weights in place (gradalign_common.model_cache). The shard is written atomically to the
-requested path, so a retried request (same idempotency key and path) overwrites it.
+The backend (settings.backend: hf | vllm, services/rollout/backends) keeps the model loaded
+between requests; a request naming another checkpoint swaps the weights in place. Problems are
+generated longest-prompt first in slices of settings.batch_size prompts; after each slice a
+progress event is streamed and the slice's rewards are scored in the background (math answers
+in a process pool, model-judged data sources by the judge, concurrently) while the next slice
+generates. The shard (problem id, prompt and response token ids, text, finish reason, reward,
+correct) is written atomically to the requested path in problem order, so a retried request
+(same idempotency key and path) overwrites it; the result carries per-problem stats.
+
+Errors name what is wrong: INVALID_ARGUMENT (bad sampling, empty batch, unknown data_source,
+prompt + max_tokens over max_model_len), NOT_FOUND (problems file, checkpoint),
+FAILED_PRECONDITION (a judged data source on a service without a judge), UNAVAILABLE (the judge
+cannot be reached), INTERNAL (anything else). The service keeps serving after any of them.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import grpc
 
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.generation import Sampling, generate_rollouts
+from gradalign_common.generation import Sampling, batch_seed, length_sorted_batches, problem_text, prompt_token_ids
 from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled
+from gradalign_common.judge import JudgeConfig, JudgeError, JudgeUnavailableError, ModelJudge
 from gradalign_common.logging_setup import configure_logging, get_logger
-from gradalign_common.model_cache import ModelCache
 from gradalign_common.modeling import configure_torch_threads
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
 from gradalign_common.prompts import render_prompt
-from gradalign_common.records import read_problems, write_rollouts
-from gradalign_common.rewards import get_reward_fn
+from gradalign_common.records import Problem, RolloutRecord, read_problems, write_rollouts
+from gradalign_common.rewards import JudgeRequiredError, RewardItem, get_reward_fn, is_heavy, is_judged, score_batch
+from services.rollout.backends import RolloutBackend, Sample, create_backend
 from services.rollout.settings import RolloutSettings
 
 SERVICE_NAME = "gradalign.v1.RolloutService"
@@ -44,13 +59,78 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> Sampling:
     )
 
 
+def judge_from_settings(settings: RolloutSettings) -> ModelJudge | None:
+    if not settings.judge_base_url:
+        return None
+    if not settings.judge_model:
+        raise ValueError("GRADALIGN_ROLLOUT_JUDGE_MODEL is required when GRADALIGN_ROLLOUT_JUDGE_BASE_URL is set")
+    key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
+    return ModelJudge(
+        JudgeConfig(
+            base_url=settings.judge_base_url,
+            model=settings.judge_model,
+            api_key=key,
+            timeout_s=settings.judge_timeout_s,
+            retries=settings.judge_retries,
+            concurrency=settings.judge_concurrency,
+            max_tokens=settings.judge_max_tokens,
+        )
+    )
+
+
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, settings: RolloutSettings):
+    def __init__(self, settings: RolloutSettings, backend: RolloutBackend | None = None, judge=None):
         self.settings = settings
-        self.models = ModelCache(device=settings.device, dtype=settings.dtype)
+        self.backend = backend if backend is not None else create_backend(settings)
+        self.judge = judge if judge is not None else judge_from_settings(settings)
+        self.judge_sources = frozenset(settings.judge_data_sources)
+        self.lock = threading.Lock()  # one request uses the model at a time; a swap cannot interleave
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # --- reward scoring -------------------------------------------------------------------
+
+    def _reward_pool(self) -> ProcessPoolExecutor | None:
+        if self.settings.reward_workers < 1:
+            return None
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.settings.reward_workers, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def _score(self, items: list[RewardItem]) -> list[tuple[float, bool]]:
+        heavy = any(is_heavy(i.data_source) and not is_judged(i.data_source, self.judge_sources) for i in items)
+        pool = self._reward_pool() if heavy else None
+        try:
+            return score_batch(items, judge=self.judge, judge_sources=self.judge_sources, pool=pool)
+        except BrokenProcessPool:
+            with self._pool_lock:
+                self._pool = None  # a worker died; the next request starts a fresh pool
+            raise
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+        if self.judge is not None and hasattr(self.judge, "close"):
+            self.judge.close()
+        self.backend.close()
+
+    # --- the RPC --------------------------------------------------------------------------
 
     @rpc_errors("rollout")
     def Generate(self, request: rollout_pb2.GenerateRequest, context: grpc.ServicerContext):
+        try:
+            yield from self._generate(request)
+        except JudgeRequiredError as exc:
+            _fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except JudgeUnavailableError as exc:
+            _fail(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except JudgeError as exc:
+            _fail(context, grpc.StatusCode.INTERNAL, f"model judge error: {exc}")
+
+    def _generate(self, request: rollout_pb2.GenerateRequest):
         if not request.checkpoint:
             raise InvalidInputError("checkpoint is required")
         if not request.problems_path:
@@ -58,37 +138,70 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         if not request.output_path:
             raise InvalidInputError("output_path is required")
         sampling = sampling_from_proto(request.sampling)
+        if sampling.max_tokens >= self.settings.max_model_len:
+            raise InvalidInputError(
+                f"sampling.max_tokens {sampling.max_tokens} leaves no room for a prompt within max_model_len "
+                f"{self.settings.max_model_len}"
+            )
         problems = read_problems(request.problems_path)
         if not problems:
             raise InvalidInputError(f"empty batch: {request.problems_path} has no problems")
         for p in problems:
-            get_reward_fn(p.data_source)
-        with self.models.lock:
-            start = time.perf_counter()
-            model, tokenizer = self.models.get(request.checkpoint)
-            for p in problems:
-                n_prompt = len(tokenizer(render_prompt(p.prompt, tokenizer), add_special_tokens=False)["input_ids"])
-                if n_prompt + sampling.max_tokens > self.settings.max_model_len:
-                    raise InvalidInputError(
-                        f"problem {p.problem_id}: prompt of {n_prompt} tokens + max_tokens {sampling.max_tokens} "
-                        f"exceeds max_model_len {self.settings.max_model_len}"
-                    )
-            total = len(problems)
-            # generate in slices so progress can be streamed between them
-            records = []
-            step = self.settings.batch_size
-            for s in range(0, total, step):
-                records += generate_rollouts(
-                    model, tokenizer, problems[s : s + step], _offset_seed(sampling, s), batch_size=step
-                )
-                yield rollout_pb2.GenerateEvent(
-                    progress=common_pb2.Progress(done=min(s + step, total), total=total, unit="problems")
-                )
-            write_rollouts(request.output_path, records)
-            compute = time.perf_counter() - start
+            try:
+                get_reward_fn(p.data_source)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"problem {p.problem_id}: {exc}") from None
+            if self.judge is None and is_judged(p.data_source, self.judge_sources):
+                raise JudgeRequiredError(p.data_source)
+        total = len(problems)
+        samples: list[list[Sample] | None] = [None] * total
+        scored: list[tuple[list[int], Future]] = []
+        scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-rewards")
+        try:
+            with self.lock:
+                start = time.perf_counter()
+                tokenizer = self.backend.load(request.checkpoint)
+                ids = prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer) for p in problems])
+                for p, prompt in zip(problems, ids):
+                    if len(prompt) + sampling.max_tokens > self.settings.max_model_len:
+                        raise InvalidInputError(
+                            f"problem {p.problem_id}: prompt of {len(prompt)} tokens + max_tokens "
+                            f"{sampling.max_tokens} exceeds max_model_len {self.settings.max_model_len}"
+                        )
+                done = 0
+                for k, idx in enumerate(length_sorted_batches([len(x) for x in ids], self.settings.batch_size)):
+                    slice_sampling = Sampling(**{**sampling.__dict__, "seed": batch_seed(sampling.seed, k)})
+                    out = self.backend.generate([ids[i] for i in idx], slice_sampling)
+                    items = []
+                    for i, s in zip(idx, out):
+                        samples[i] = s
+                        text = problem_text(problems[i]) if self.judge is not None else ""
+                        items += [RewardItem(problems[i].data_source, x.text, problems[i].ground_truth, text) for x in s]
+                    scored.append((idx, scorer.submit(self._score, items)))  # scored while the next slice generates
+                    for _, f in scored:  # fail fast on a scoring error (e.g. the judge is down)
+                        if f.done() and f.exception() is not None:
+                            raise f.exception()
+                    done += len(idx)
+                    yield rollout_pb2.GenerateEvent(progress=common_pb2.Progress(done=done, total=total, unit="problems"))
+            # the model is free for the next request while this one's last rewards finish
+            rewards: list[list[tuple[float, bool]] | None] = [None] * total
+            for idx, f in scored:
+                flat = iter(f.result())
+                for i in idx:
+                    rewards[i] = [next(flat) for _ in samples[i]]
+        finally:
+            for _, f in scored:
+                f.cancel()
+            scorer.shutdown(wait=False, cancel_futures=True)
+        records = _records(problems, ids, samples, rewards)
+        write_rollouts(request.output_path, records)
+        compute = time.perf_counter() - start
         stats = problem_stats(records)
         n_tokens = sum(len(r.response_ids) for r in records)
-        log.info("generated", request_id=request.request_id, problems=total, responses=len(records), seconds=round(compute, 3))
+        log.info(
+            "generated", request_id=request.request_id, backend=self.backend.name, problems=total,
+            responses=len(records), tokens=n_tokens, seconds=round(compute, 3),
+        )
         yield rollout_pb2.GenerateEvent(
             result=rollout_pb2.GenerateResult(
                 output_path=request.output_path,
@@ -100,8 +213,29 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         )
 
 
-def _offset_seed(sampling: Sampling, offset: int) -> Sampling:
-    return Sampling(**{**sampling.__dict__, "seed": sampling.seed + offset})
+def _fail(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> None:
+    """End the stream with a status (context.abort would be re-mapped to INTERNAL by rpc_errors)."""
+    log.warning("rpc_failed", service="rollout", method="Generate", code=code.name, detail=detail)
+    context.set_code(code)
+    context.set_details(detail)
+
+
+def _records(problems: list[Problem], ids, samples, rewards) -> list[RolloutRecord]:
+    records = []
+    for problem, prompt, ss, rs in zip(problems, ids, samples, rewards):
+        for s, (reward, correct) in zip(ss, rs):
+            records.append(
+                RolloutRecord(
+                    problem_id=problem.problem_id,
+                    prompt_ids=tuple(prompt),
+                    response_ids=s.token_ids,
+                    reward=reward,
+                    correct=correct,
+                    text=s.text,
+                    finish_reason=s.finish_reason,
+                )
+            )
+    return records
 
 
 def problem_stats(records) -> list[common_pb2.ProblemStats]:
@@ -115,7 +249,7 @@ def problem_stats(records) -> list[common_pb2.ProblemStats]:
             common_pb2.ProblemStats(
                 problem_id=pid,
                 n_responses=len(rs),
-                accuracy=sum(1 for x in rewards if x > 0.5) / len(rs),
+                accuracy=sum(1 for r in rs if r.correct) / len(rs),
                 mean_reward=statistics.fmean(rewards),
                 mean_response_length=statistics.fmean(len(r.response_ids) for r in rs),
             )
@@ -123,20 +257,24 @@ def problem_stats(records) -> list[common_pb2.ProblemStats]:
     return out
 
 
-def create_server(settings: RolloutSettings):
+def create_server(settings: RolloutSettings, servicer: RolloutServicer | None = None):
     server, health, port = build_server(settings.host, settings.port, [SERVICE_NAME])
-    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(settings), server)
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer or RolloutServicer(settings), server)
     return server, health, port
 
 
 def serve(settings: RolloutSettings) -> None:
     configure_logging("rollout", settings.log_level)
     configure_torch_threads(settings.torch_threads)
-    server, health, port = create_server(settings)
+    servicer = RolloutServicer(settings)
+    server, health, port = create_server(settings, servicer)
     server.start()
     mark_serving(health, [SERVICE_NAME])
     log.info("serving", address=f"{settings.host}:{port}", backend=settings.backend)
-    run_until_signalled(server, health, settings.metrics_host, settings.metrics_port)
+    try:
+        run_until_signalled(server, health, settings.metrics_host, settings.metrics_port)
+    finally:
+        servicer.close()
 
 
 def main() -> None:

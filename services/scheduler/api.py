@@ -18,11 +18,15 @@ from sqlalchemy import text
 from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
 from gradalign_common.grpc_utils import check_health
 from services.scheduler.auth import require_reader, require_writer
+from services.scheduler.dataset_service import DatasetService, UploadTooLarge
 from services.scheduler.events import iter_events
 from services.scheduler.experiments import ExperimentService
 from services.scheduler.schemas import (
     CandidateList,
     CandidateOut,
+    DatasetMix,
+    DatasetOut,
+    DatasetRegister,
     ExperimentCreate,
     ExperimentList,
     ErrorOut,
@@ -176,6 +180,43 @@ def stream_events(request: Request, experiment_id: int | None = None) -> Streami
     return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _datasets(request: Request) -> DatasetService:
+    return request.app.state.datasets
+
+
+@write.post("/api/v1/datasets/upload", status_code=201, response_model=DatasetOut, tags=["datasets"],
+            responses={413: {"model": ErrorOut, "description": "larger than max_upload_bytes"}})
+async def upload_dataset(
+    request: Request,
+    name: str = Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$"),
+    format: Literal["jsonl", "parquet"] = Query(description="format of the request body"),
+) -> DatasetOut:
+    """Upload a dataset file as the raw request body (streamed; VERL-style records)."""
+    return DatasetOut.model_validate(await _datasets(request).upload(name, format, request.stream()))
+
+
+@write.post("/api/v1/datasets/register", status_code=201, response_model=DatasetOut, tags=["datasets"])
+def register_dataset(body: DatasetRegister, request: Request) -> DatasetOut:
+    """Import a file that lies under the scheduler's data root."""
+    return DatasetOut.model_validate(_datasets(request).register(body.name, body.path))
+
+
+@write.post("/api/v1/datasets/mix", status_code=201, response_model=DatasetOut, tags=["datasets"])
+def mix_datasets(body: DatasetMix, request: Request) -> DatasetOut:
+    """A new dataset of `count` problems from each registered dataset (0: all), shuffled with `seed`."""
+    return DatasetOut.model_validate(_datasets(request).mix(body.name, [(s.dataset, s.count) for s in body.sources], body.seed))
+
+
+@read.get("/api/v1/datasets", response_model=list[DatasetOut], tags=["datasets"])
+def list_datasets(request: Request) -> list[DatasetOut]:
+    return [DatasetOut.model_validate(d) for d in _datasets(request).list()]
+
+
+@read.get("/api/v1/datasets/{name}", response_model=DatasetOut, tags=["datasets"])
+def get_dataset(name: str, request: Request) -> DatasetOut:
+    return DatasetOut.model_validate(_datasets(request).get(name))
+
+
 @router.get("/healthz", tags=["health"])
 def liveness() -> dict:
     return {"status": "ok"}
@@ -219,6 +260,10 @@ def install_error_handlers(app) -> None:
     async def _field_error(_request, exc: FieldError):
         detail = [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(_request, exc: UploadTooLarge):
+        return JSONResponse({"detail": str(exc)}, status_code=413)
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_request, exc: NotFoundError):

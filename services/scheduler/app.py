@@ -11,6 +11,7 @@ from gradalign_common.logging_setup import configure_logging, get_logger
 from services.scheduler.api import install_error_handlers, router
 from services.scheduler.dashboard import router as dashboard_router
 from services.scheduler.auth import TokenStore
+from services.scheduler.dataset_service import DatasetService
 from services.scheduler.db import make_engine, make_session_factory
 from services.scheduler.migrate import upgrade
 from services.scheduler.events import make_event_bus
@@ -49,6 +50,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     app.state.shutdown = shutdown
     app.state.experiments = ExperimentService(settings, sessions, bus)
     app.state.tokens = TokenStore(sessions)
+    app.state.datasets = DatasetService(settings, sessions)
     if settings.bootstrap_token:
         app.state.tokens.ensure("bootstrap", settings.bootstrap_token)
     app.include_router(router)

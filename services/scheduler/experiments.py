@@ -7,12 +7,13 @@ import random
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import sessionmaker
 
+from gradalign_common.datasets import load_problems
 from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
 from gradalign_common.modeling import check_model_dir
 from gradalign_common.records import read_rollouts
 from services.scheduler.bulk import insert_pool
-from services.scheduler.datasets import load_dataset
-from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, TrainStep, utcnow
+from services.scheduler.datasets import resolve_dataset
+from services.scheduler.db import Candidate, Dataset, Experiment, PoolProblem, Round, TrainStep, utcnow
 from services.scheduler.events import EventBus
 from services.scheduler.schemas import ExperimentCreate
 from services.scheduler.settings import SchedulerSettings
@@ -30,14 +31,15 @@ class ExperimentService:
             model_dir = check_model_dir(body.model)
         except InvalidInputError as exc:
             raise FieldError("model", str(exc)) from None
-        pool = self._load(body.train_dataset, "train_dataset")
-        self._load(body.val_dataset, "val_dataset")
+        train_path, pool = self._resolve(body.train_dataset, "train_dataset")
+        val_path, _ = self._resolve(body.val_dataset, "val_dataset")
         if body.chunk_size > len(pool):
             raise FieldError("chunk_size", f"chunk_size={body.chunk_size} is larger than the {len(pool)} problems of train_dataset")
         order = [p.problem_id for p in pool]
         random.Random(body.seed).shuffle(order)
         config = body.model_dump()
         config["model"] = str(model_dir)
+        config["train_dataset_path"], config["val_dataset_path"] = str(train_path), str(val_path)
         with self.sessions() as s:
             exp = Experiment(
                 name=body.name, status="pending", config=config, checkpoint=str(model_dir), pool_size=len(order)
@@ -49,9 +51,13 @@ class ExperimentService:
         self.bus.publish({"type": "experiment_created", "experiment_id": exp.id})
         return exp
 
-    def _load(self, ref: str, field: str):
+    def _resolve(self, ref: str, field: str):
+        """(file path, problems) of a dataset reference: built-in name, registered dataset or file."""
+        with self.sessions() as s:
+            registered = dict(s.execute(select(Dataset.name, Dataset.path).where(Dataset.name == ref)).all())
         try:
-            return load_dataset(ref, self.settings.artifact_root, self.settings.data_root)
+            path = resolve_dataset(ref, self.settings.artifact_root, self.settings.data_root, registered)
+            return path, load_problems(path)
         except InvalidInputError as exc:
             raise FieldError(field, str(exc)) from None
 
@@ -180,7 +186,7 @@ class ExperimentService:
                 raise NotFoundError(f"problem {problem_id!r} is not a candidate of round {index}")
             stage = next((st for st in rnd.stages if st.name == "rollout_train"), None)
             paths = (stage.result or {}).get("paths", []) if stage else []
-        pool = load_dataset(exp.config["train_dataset"], self.settings.artifact_root, self.settings.data_root)
+        pool = load_problems(exp.config["train_dataset_path"])
         problem = next((p for p in pool if p.problem_id == problem_id), None)
         responses = [
             {"text": r.text, "reward": r.reward, "correct": r.correct, "n_tokens": len(r.response_ids), "finish_reason": r.finish_reason}

@@ -27,13 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.checkpoint_retention import prune_checkpoints
+from gradalign_common.datasets import load_problems
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
 from gradalign_common.records import Problem, ScoreRecord, write_problems
 from gradalign_common.selection import get_mode, select_top
 from services.scheduler.bulk import insert_candidates, update_candidates
-from services.scheduler.datasets import load_dataset
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
 from services.scheduler.events import EventBus
 from services.scheduler.discovery import make_discovery
@@ -279,7 +279,7 @@ class Orchestrator:
 
     def _stage_rollout_val(self, ctx: StageContext) -> tuple[dict, float]:
         cfg = ctx.config
-        problems = list(self._dataset(cfg["val_dataset"]).values())
+        problems = list(self._dataset(cfg["val_dataset_path"]).values())
         paths, stats, compute = self._generate(
             ctx, "rollout_val", problems, n=cfg["n_samples_val"], seed=_stage_seed(cfg, ctx.round_index, 1)
         )
@@ -349,7 +349,7 @@ class Orchestrator:
             rank = {pid: i for i, pid in enumerate(chosen)}
             for c in rows:
                 c.selected, c.rank = c.problem_id in rank, rank.get(c.problem_id)
-            pool = self._dataset(cfg["train_dataset"])
+            pool = self._dataset(cfg["train_dataset_path"])
             path = self.store.round_dir(ctx.experiment_id, ctx.round_index) / "select" / "selected.parquet"
             write_problems(path, [pool[pid] for pid in chosen])
             s.commit()
@@ -453,14 +453,15 @@ class Orchestrator:
                 )
             ).all()
         order = {pos: pid for pos, pid in rows}
-        pool = self._dataset(cfg["train_dataset"])
+        pool = self._dataset(cfg["train_dataset_path"])
         ids = [order[(ctx.round_index * m + i) % pool_size] for i in range(m)]
         return [pool[pid] for pid in dict.fromkeys(ids)]
 
-    def _dataset(self, ref: str) -> dict[str, Problem]:
-        if ref not in self._dataset_cache:
-            self._dataset_cache[ref] = {p.problem_id: p for p in load_dataset(ref, self.settings.artifact_root)}
-        return self._dataset_cache[ref]
+    def _dataset(self, path: str) -> dict[str, Problem]:
+        """The problems of a dataset file (resolved and checked when the experiment was created), by id."""
+        if path not in self._dataset_cache:
+            self._dataset_cache[path] = {p.problem_id: p for p in load_problems(path)}
+        return self._dataset_cache[path]
 
     def record_progress(self, ctx: StageContext, stage: str, done: int, total: int, unit: str) -> None:
         now = time.monotonic()

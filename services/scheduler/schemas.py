@@ -202,3 +202,38 @@ class ErrorOut(BaseModel):
 class ReadinessOut(BaseModel):
     ready: bool
     checks: dict[str, bool]
+
+
+DatasetName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class DatasetRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: DatasetName
+    path: str = Field(min_length=1, description="a .jsonl or .parquet file under the scheduler's data root")
+
+
+class MixSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    count: int = Field(default=0, ge=0, description="problems to take (0: all)")
+
+
+class DatasetMix(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: DatasetName
+    sources: list[MixSource] = Field(min_length=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    n_rows: int
+    data_sources: dict[str, int]
+    origin: dict[str, Any]
+    created_at: UtcDatetime

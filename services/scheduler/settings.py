@@ -26,6 +26,7 @@ class SchedulerSettings(BaseSettings):
     rollout_addresses: list[str] = ["127.0.0.1:50051"]
     scoring_addresses: list[str] = ["127.0.0.1:50052"]
     trainer_address: str = "127.0.0.1:50053"
+    max_upload_bytes: int = Field(default=1 << 30, ge=1, description="largest dataset upload accepted")
     discovery: Literal["static", "kubernetes"] = Field(
         default="static", description="static: the address lists above; kubernetes: ready pods from EndpointSlices"
     )

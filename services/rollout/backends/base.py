@@ -1,0 +1,32 @@
+"""The interface every rollout backend implements, and the sample type they return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from gradalign_common.generation import Sampling
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: its token ids (EOS kept when it ended there), text and finish reason."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens)
+
+
+class RolloutBackend(Protocol):
+    name: str
+    loads: int  # full model loads
+    swaps: int  # in-place weight swaps
+
+    def load(self, checkpoint: str):
+        """Make `checkpoint` the loaded model (swapping weights in place when only they differ);
+        return its tokenizer. Raises NotFoundError / InvalidInputError naming the checkpoint."""
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Sample]]:
+        """sampling.n samples per prompt, in prompt order; deterministic for sampling.seed."""
+
+    def close(self) -> None: ...
