@@ -32,6 +32,9 @@ class ModelCache:
         """Held by a request while it uses the model, so a concurrent swap cannot interleave."""
         return self._lock
 
+    def clear(self) -> None:
+        self.model = self.tokenizer = self._fingerprint = None
+
     def get(self, checkpoint: str | Path):
         """Return (model, tokenizer) for checkpoint; call with `lock` held."""
         fingerprint = checkpoint_fingerprint(checkpoint)
@@ -39,9 +42,10 @@ class ModelCache:
             return self.model, self.tokenizer
         new_model = load_model(checkpoint, device=self.device, dtype=self.dtype)
         tokenizer = load_tokenizer(checkpoint)
-        if self.model is not None and _same_architecture(self.model, new_model):
+        if self.model is not None and same_architecture(self.model, new_model):
             with torch.no_grad():
                 self.model.load_state_dict(new_model.state_dict())
+            self.model.generation_config = new_model.generation_config
             del new_model
             self.swaps += 1
         else:
@@ -52,9 +56,13 @@ class ModelCache:
         return self.model, self.tokenizer
 
 
-def _same_architecture(a, b) -> bool:
-    """Same class and config apart from where it was loaded from: the weights can be copied in place."""
+# config keys that differ between checkpoints of one architecture (where it was saved, by which version)
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+
+
+def same_architecture(a, b) -> bool:
+    """Same class and config apart from where it was saved: the weights can be copied in place."""
     if type(a) is not type(b):
         return False
-    strip = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}  # noqa: E731
-    return strip(a.config) == strip(b.config)
+    strip = lambda m: {k: v for k, v in m.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}  # noqa: E731
+    return strip(a) == strip(b)

@@ -9,54 +9,36 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from gradalign_common.generation import Sampling, sample_responses
-from gradalign_common.modeling import checkpoint_fingerprint, load_model, load_tokenizer
+from gradalign_common.model_cache import ModelCache
 from services.rollout.backends.base import Sample
-
-# config keys that differ between checkpoints of one architecture (where it was saved, by which version)
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
-
-
-def same_architecture(a, b) -> bool:
-    if type(a) is not type(b):
-        return False
-    strip = lambda m: {k: v for k, v in m.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}  # noqa: E731
-    return strip(a) == strip(b)
-
 
 class HFBackend:
     name = "hf"
 
     def __init__(self, settings):
-        self.device = settings.device
-        self.dtype = settings.dtype
         self.batch_size = settings.batch_size
-        self.model = None
-        self.tokenizer = None
-        self._fingerprint: tuple | None = None
-        self.loads = 0  # full loads
-        self.swaps = 0  # in-place weight swaps
+        self.cache = ModelCache(device=settings.device, dtype=settings.dtype)
+
+    @property
+    def model(self):
+        return self.cache.model
+
+    @property
+    def tokenizer(self):
+        return self.cache.tokenizer
+
+    @property
+    def loads(self) -> int:
+        return self.cache.loads
+
+    @property
+    def swaps(self) -> int:
+        return self.cache.swaps
 
     def load(self, checkpoint: str):
-        fingerprint = checkpoint_fingerprint(checkpoint)  # NotFoundError / InvalidInputError naming the path
-        if fingerprint == self._fingerprint:
-            return self.tokenizer
-        new_model = load_model(checkpoint, device=self.device, dtype=self.dtype)
-        tokenizer = load_tokenizer(checkpoint)
-        if self.model is not None and same_architecture(self.model, new_model):
-            with torch.no_grad():
-                self.model.load_state_dict(new_model.state_dict())
-            self.model.generation_config = new_model.generation_config
-            del new_model
-            self.swaps += 1
-        else:
-            self.model = new_model
-            self.loads += 1
-        self.tokenizer = tokenizer
-        self._fingerprint = fingerprint
-        return tokenizer
+        """Load (or swap in place) the checkpoint; NotFoundError / InvalidInputError name a bad path."""
+        return self.cache.get(checkpoint)[1]
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> list[list[Sample]]:
         if self.model is None:
@@ -69,4 +51,4 @@ class HFBackend:
         ]
 
     def close(self) -> None:
-        self.model = self.tokenizer = self._fingerprint = None
+        self.cache.clear()
