@@ -178,9 +178,10 @@ def _create(live: LiveScheduler, model_dir: Path, **overrides) -> int:
 
 
 def _problems(artifact_root: Path) -> dict:
-    from services.scheduler.datasets import load_dataset
+    from gradalign_common.datasets import load_problems
+    from services.scheduler.datasets import resolve_dataset
 
-    return {p.problem_id: p for p in load_dataset("arith-train", artifact_root)}
+    return {p.problem_id: p for p in load_problems(resolve_dataset("arith-train", artifact_root))}
 
 
 def seed_experiment(
