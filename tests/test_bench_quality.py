@@ -1,0 +1,176 @@
+"""`gradalign bench quality` on the smoke config: the outputs are produced and well formed, and a
+rerun resumes (skips finished runs, redoes missing, stale or broken ones). The ranking of the
+modes is never asserted here (docs/quality.md has the real regimes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.bench.quality import load_config, run_hash
+from services.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "benchmarks" / "quality" / "smoke.yaml"
+MODES = ["sim", "dot", "align", "accgreedy", "rand"]
+SEEDS = [0, 1]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["bench", "quality", "--no-progress", *args])
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]  # the IHDR chunk is intact
+    assert data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory) -> tuple[Path, str]:
+    results = tmp_path_factory.mktemp("quality") / "smoke"
+    result = _invoke("--config", str(SMOKE), "--results", str(results))
+    assert result.exit_code == 0, result.output
+    return results, result.output
+
+
+def test_the_smoke_benchmark_writes_runs_tables_and_plots(smoke_results):
+    results, output = smoke_results
+    assert "5 modes x 2 seeds; 0 runs already finished" in output
+    config = load_config(SMOKE)
+    rounds = config["loop"]["rounds"]
+    for mode in MODES:
+        for seed in SEEDS:
+            run = json.loads((results / "runs" / f"{mode}-seed{seed}.json").read_text())
+            assert run["mode"] == mode and run["seed"] == seed and run["config_hash"] == run_hash(config)
+            assert len(run["accuracy"]) == rounds + 1 and all(0.0 <= a <= 1.0 for a in run["accuracy"])
+            assert len(run["val_accuracy"]) == rounds + 1
+            assert len(run["tracked_fraction"]) == rounds and all(0.0 <= f <= 1.0 for f in run["tracked_fraction"])
+            assert [set(p) for p in run["per_type_accuracy"]] == [{"add2", "copy"}] * (rounds + 1)
+            for r in run["rounds"]:
+                assert r["selected"] == config["loop"]["chunk_size"] // config["loop"]["k"]
+                assert sum(r["selected_types"].values()) == r["selected"]
+                assert 0 <= r["selected_noisy"] <= r["selected"]
+    # every mode starts from the same cached warm-started model, one per seed
+    models = sorted(p.name for p in (results / "models").iterdir() if not p.name.startswith("."))
+    assert len(models) == len(SEEDS) and all((results / "models" / m / "warm_start.json").is_file() for m in models)
+    starts = {json.loads((results / "runs" / f"{m}-seed0.json").read_text())["accuracy"][0] for m in MODES}
+    assert len(starts) == 1
+
+    with (results / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["mode"] for r in rows] == MODES
+    for r in rows:
+        assert int(r["n_seeds"]) == len(SEEDS)
+        for key in ("initial_mean", "final_mean", "final_std", "final_seed0", "final_seed1", "val_final_mean",
+                    "noisy_selected_mean", "noisy_selected_std", "noisy_in_chunk_mean", "final_add2_mean", "final_copy_mean"):
+            assert 0.0 <= float(r[key]) <= 1.0, key
+        finals = [float(r["final_seed0"]), float(r["final_seed1"])]
+        assert float(r["final_mean"]) == pytest.approx(sum(finals) / 2, abs=1e-4)
+
+    md = (results / "summary.md").read_text()
+    assert md.startswith("# Selection quality: smoke")
+    table = [line for line in md.splitlines() if line.startswith("| ") and "|---" not in line]
+    header = table[0]
+    assert "final mean" in header and "final std" in header and "seed 0" in header and "seed 1" in header
+    assert "noisy selected (%)" in header
+    mode_rows = [line for line in table[1:] if line.split("|")[1].strip() in MODES]
+    assert [line.split("|")[1].strip() for line in mode_rows[: len(MODES)]] == MODES
+    assert all(len(line.split("|")) == len(header.split("|")) for line in mode_rows[: len(MODES)])
+    assert md in output  # the command prints the summary
+
+    for name in ("accuracy.png", "selected_fraction.png"):
+        _assert_png(results / name)
+
+
+def test_a_rerun_skips_finished_runs_and_redoes_missing_stale_or_broken_ones(smoke_results):
+    results, _ = smoke_results
+    runs = results / "runs"
+    before = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    assert len(before) == len(MODES) * len(SEEDS)
+
+    again = _invoke("--config", str(SMOKE), "--results", str(results))
+    assert again.exit_code == 0, again.output
+    assert "10 runs already finished" in again.output and "0 to run" in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")} == before
+
+    # a run that never finished (killed: no file, or a leftover temporary file), a broken file,
+    # and a run made with another config are redone; the others are kept
+    (runs / "rand-seed1.json").unlink()
+    (runs / ".rand-seed1.json.tmp-deadbeef").write_text('{"half": ')
+    (runs / "sim-seed0.json").write_text('{"mode": "sim", "seed": 0, "accur')
+    stale = json.loads((runs / "dot-seed1.json").read_text())
+    stale["config_hash"] = "0" * 16
+    (runs / "dot-seed1.json").write_text(json.dumps(stale))
+    resumed = _invoke("--config", str(SMOKE), "--results", str(results))
+    assert resumed.exit_code == 0, resumed.output
+    assert "7 runs already finished" in resumed.output and "3 to run" in resumed.output
+    after = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    changed = {name for name in after if after[name] != before.get(name)}
+    assert changed == {"rand-seed1.json", "sim-seed0.json", "dot-seed1.json"}
+    assert json.loads((runs / "sim-seed0.json").read_text())["config_hash"] == run_hash(load_config(SMOKE))
+
+
+def test_seeds_and_modes_can_be_narrowed(smoke_results, tmp_path):
+    results, _ = smoke_results
+    out = tmp_path / "narrow"
+    result = _invoke("--config", str(SMOKE), "--results", str(out), "--seeds", "1", "--modes", "rand,sim",
+                     "--model-cache", str(results / "models"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["rand-seed1.json", "sim-seed1.json"]
+    assert not (out / "models").exists()  # the shared cache was used
+    with (out / "summary.csv").open() as fh:
+        assert [r["mode"] for r in csv.DictReader(fh)] == ["rand", "sim"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("loop: {chunk_size: 16, k: 8}\n", "fewer than train.batch_size"),
+        ("loop: {rounds: 0}\n", "loop.rounds must be an integer >= 1"),
+        ("lopo: {}\n", "unknown key lopo"),
+        ("data: {test: {division: 3}}\n", "unknown problem type 'division'"),
+        ("data: {noise: {rate: 0.5, rewards: {nope: 1}}}\n", "unknown data_source 'nope'"),
+        ("modes: [sim, best]\n", "unknown selection mode 'best'"),
+    ],
+)
+def test_a_bad_config_is_refused_with_the_reason(tmp_path, text, message):
+    import yaml
+
+    base = yaml.safe_load(SMOKE.read_text())
+    for key, value in yaml.safe_load(text).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key].update(value)
+        else:
+            base[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(base))
+    result = _invoke("--config", str(path), "--results", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_regime_configs_load_with_every_mode_and_three_seeds():
+    noisy, imbalance, low_utility = (
+        load_config(ROOT / "benchmarks" / "quality" / f"{name}.yaml") for name in ("noisy_rewards", "imbalance", "low_utility")
+    )
+    for config in (noisy, imbalance, low_utility):
+        assert set(config["modes"]) >= {"sim", "dot", "align", "accgreedy", "rand"}
+        assert len(config["seeds"]) >= 3
+        assert config["model"] == noisy["model"]
+    assert 0.3 <= noisy["data"]["noise"]["rate"] <= 0.5
+    assert imbalance["data"]["track"]["types"] == ["sub"] and low_utility["data"]["track"]["label"] == "useless"
+    # noisy rewards and low utility share one cached warm-started model per seed
+    assert noisy["warm_start"] == low_utility["warm_start"]
