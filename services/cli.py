@@ -10,7 +10,12 @@ from pathlib import Path
 import typer
 
 from gradalign_common.settings import DEFAULT_HOME
+from services.bench.scheduler import scheduler_command
 from services.scheduler.admin_cli import db_app, token_app
+from services.bench.rollout import rollout_command
+from services.bench.scoring import scoring_command
+from services.bench.quality import quality_command
+from services.data_cli import data_app
 from services.scoring.cli import score_command
 from services.stack import SERVICES, LocalStack, StackConfig
 
@@ -21,7 +26,12 @@ app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 bench_app = typer.Typer(help="Benchmarks: each prints ratios against a baseline run in the same process.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
 # bench commands are registered here, one line each:
+bench_app.command("rollout")(rollout_command)
+bench_app.command("scheduler")(scheduler_command)
+bench_app.command("scoring")(scoring_command)
+bench_app.command("quality")(quality_command)
 app.command("score", help="Score candidate problems against a validation set (shared/spec/gradalign-score.md).")(score_command)
 
 

@@ -20,8 +20,8 @@ from gradalign_common.records import RolloutRecord
 VOCAB_SIZE = 32
 
 
-def tiny_qwen2(seed: int = 0) -> transformers.Qwen2ForCausalLM:
-    """A tiny random Qwen2 causal LM with tied embeddings."""
+def tiny_qwen2(seed: int = 0, tied: bool = True, pad_token_id: int | None = None) -> transformers.Qwen2ForCausalLM:
+    """A tiny random Qwen2 causal LM, with tied embeddings unless told otherwise."""
     config = transformers.Qwen2Config(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
@@ -29,8 +29,9 @@ def tiny_qwen2(seed: int = 0) -> transformers.Qwen2ForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         max_position_embeddings=128,
+        pad_token_id=pad_token_id,
     )
     torch.manual_seed(seed)
     return transformers.Qwen2ForCausalLM(config).eval()
@@ -96,11 +97,16 @@ def _groups(rollouts: list[RolloutRecord]) -> dict[str, list[RolloutRecord]]:
 
 
 class ReferenceScorer:
-    """The spec's losses and gradients with plain autograd on a float64 copy of a model."""
+    """The spec's losses and gradients with plain autograd on a float64 copy of a model.
 
-    def __init__(self, model: torch.nn.Module):
+    `inverse` (one tensor per parameter, model.parameters() order), when given, preconditions every
+    gradient: g * inverse, i.e. g / (sqrt(v_hat) + eps).
+    """
+
+    def __init__(self, model: torch.nn.Module, inverse: list[torch.Tensor] | None = None):
         self.model = copy.deepcopy(model).double().eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.inverse = None if inverse is None else torch.cat([t.double().reshape(-1) for t in inverse])
 
     def _summed_log_prob(self, record: RolloutRecord) -> torch.Tensor:
         ids = torch.tensor([list(record.prompt_ids) + list(record.response_ids)])
@@ -111,7 +117,24 @@ class ReferenceScorer:
 
     def _flat_grad(self, loss: torch.Tensor) -> torch.Tensor:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)])
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)])
+        return flat if self.inverse is None else flat * self.inverse
+
+    def group_gradient(self, records: list[RolloutRecord], advantages: list[float]) -> torch.Tensor:
+        """grad of -sum_j A_j sum_t log p_jt / (sum_j |response_j|) for the given records and advantages."""
+        total = torch.zeros((), dtype=torch.float64)
+        for record, adv in zip(records, advantages):
+            if adv != 0.0:
+                total = total - adv * self._summed_log_prob(record)
+        return self._flat_grad(total / sum(len(r.response_ids) for r in records))
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """(start, stop) of each parameter in a flat gradient."""
+        out, start = [], 0
+        for p in self.params:
+            out.append((start, start + p.numel()))
+            start += p.numel()
+        return out
 
     def _loss(self, groups: list[list[RolloutRecord]]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
@@ -127,9 +150,15 @@ class ReferenceScorer:
         g = self._flat_grad(self._loss(list(_groups(validation).values())))
         return g / g.norm()
 
-    def scores(self, candidates: list[RolloutRecord], validation: list[RolloutRecord]) -> dict[str, dict]:
-        """Per problem: cosine, dot, accuracy, zero_advantage, n_responses."""
-        g_v = self.validation_gradient(validation)
+    def scores(
+        self, candidates: list[RolloutRecord], validation: list[RolloutRecord], restrict: torch.Tensor | None = None
+    ) -> dict[str, dict]:
+        """Per problem: cosine, dot, accuracy, zero_advantage, n_responses. `restrict` (a boolean mask over
+        the flat gradient) keeps only some parameters' coordinates (g_V normalised over those)."""
+        g_v = self._flat_grad(self._loss(list(_groups(validation).values())))
+        if restrict is not None:
+            g_v = g_v[restrict]
+        g_v = g_v / g_v.norm()
         out = {}
         for pid, group in _groups(candidates).items():
             rewards = [r.reward for r in group]
@@ -137,6 +166,8 @@ class ReferenceScorer:
             cosine = dot = 0.0
             if not zero:
                 g = self._flat_grad(self._loss([group]))
+                if restrict is not None:
+                    g = g[restrict]
                 dot = float(g @ g_v)
                 cosine = dot / float(g.norm())
             out[pid] = {
@@ -160,3 +191,46 @@ def expected_score(mode: str, ref: dict) -> float:
         "simacc": ref["cosine"] * 4 * acc * (1 - acc),
         "accgreedy": abs(acc - 0.5),
     }[mode]
+
+
+def uniform_rollouts(seed: int, n_problems: int, n_responses: int, prefix: str = "u") -> list[RolloutRecord]:
+    """Groups with the same number of responses (the batched path's one-matmul-per-layer case),
+    uneven lengths, mixed rewards (problem 0 all correct: zero advantage)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n_problems):
+        prompt = tuple(rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 6)))
+        for j in range(n_responses):
+            reward = 1.0 if i == 0 else float(j % 2 == 0 or rng.random() < 0.3)
+            response = tuple(rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 7)))
+            records.append(RolloutRecord(problem_id=f"{prefix}{i:02d}", prompt_ids=prompt, response_ids=response, reward=reward))
+    return records
+
+
+def random_adam_state(model: torch.nn.Module, seed: int = 0, step: int = 7, beta2: float = 0.99, eps: float = 1e-3,
+                      alias_lm_head: bool = False):
+    """An AdamSecondMoment with random positive exp_avg_sq for every trainable parameter of `model`, keyed by
+    name (the tied weight under lm_head.weight when alias_lm_head)."""
+    from gradalign_common.optimizer_state import AdamSecondMoment
+
+    generator = torch.Generator().manual_seed(seed)
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in names or (alias_lm_head and name == "lm_head.weight"):
+            names[id(p)] = (name, p)
+    exp_avg_sq = {name: torch.rand(p.shape, generator=generator, dtype=torch.float64).float() * 1e-4 + 1e-7
+                  for name, p in names.values()}
+    return AdamSecondMoment(exp_avg_sq, step, beta2, eps)
+
+
+def hand_inverse_denominators(model: torch.nn.Module, state) -> list[torch.Tensor]:
+    """1 / (sqrt(v / (1 - beta2 ** step)) + eps) per parameter (model.parameters() order), by hand."""
+    by_id = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in state.exp_avg_sq:
+            by_id[id(p)] = state.exp_avg_sq[name].double()
+    out = []
+    for p in model.parameters():
+        v_hat = by_id[id(p)] / (1.0 - state.beta2**state.step)
+        out.append(1.0 / (v_hat.sqrt() + state.eps))
+    return out

@@ -105,3 +105,35 @@ def test_bad_input_exits_2_with_a_message(files, tiny_model_dir, tmp_path):
         assert result.exit_code == 2, (name, result.output)
         assert message in result.stderr, (name, result.stderr)
         assert not out.exists(), name
+
+
+def test_methods_and_optimizer_state(files, tiny_model_dir, tmp_path):
+    from gradalign_common.optimizer_state import read_optimizer_state, write_optimizer_state
+    from scoring_fixtures import random_adam_state, tiny_qwen2
+
+    base = ["--model", tiny_model_dir, "--candidates", files["candidates_jsonl"],
+            "--validation", files["validation_parquet"], "--mode", "sim"]  # fmt: skip
+    outs = {}
+    for name, extra in {"default": [], "project": ["--method", "project-8"], "top": ["--method", "top-layers"]}.items():
+        outs[name] = tmp_path / f"{name}.jsonl"
+        result = _run(*base, *extra, "--out", outs[name])
+        assert result.exit_code == 0, result.output
+        assert len(_lines(outs[name])) == 6
+    assert [line["score"] for line in _lines(outs["project"])] != [line["score"] for line in _lines(outs["default"])]
+    state = random_adam_state(tiny_qwen2(seed=0))
+    path = write_optimizer_state(tmp_path / "optimizer.safetensors", state.exp_avg_sq, step=state.step,
+                                 beta2=state.beta2, eps=state.eps)
+    out = tmp_path / "preconditioned.jsonl"
+    result = _run(*base, "--optimizer-state", path, "--out", out)
+    assert result.exit_code == 0, result.output
+    engine = ScoringEngine.from_pretrained(tiny_model_dir)
+    p = engine.preconditioner(read_optimizer_state(path))
+    expected = [s.score for s in engine.score(files["candidates"], "sim", files["validation"], preconditioner=p)]
+    assert [line["score"] for line in _lines(out)] == pytest.approx(expected, abs=1e-6)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    for args, message in [(["--optimizer-state", bad], "not a readable safetensors"),
+                          (["--optimizer-state", tmp_path / "nope.safetensors"], "not found"),
+                          (["--method", "project-0"], "size must be")]:
+        result = _run(*base, *args, "--out", tmp_path / "x.jsonl")
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)

@@ -1,4 +1,5 @@
-"""The exact scoring engine against an independent plain-autograd computation of the spec."""
+"""The exact scoring engine (batched, and the straightforward exact-loop) against an independent
+plain-autograd computation of the spec, one group at a time."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from gradalign_common.records import RolloutRecord
 from gradalign_common.selection import seeded_uniform_scores
 from gradalign_common.modeling import load_model as load_causal_lm, parse_dtype
 from services.scoring.engine import ScoringEngine, score_without_gradients
-from scoring_fixtures import ReferenceScorer, expected_score, random_rollouts, tiny_qwen2
+from scoring_fixtures import ReferenceScorer, expected_score, random_rollouts, tiny_qwen2, uniform_rollouts
 
 GRADIENT_MODES = ["sim", "dot", "simacc", "negsim"]
+EXACT_METHODS = ["exact", "exact-loop"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,19 @@ def _first_appearance(rollouts):
     return list(dict.fromkeys(r.problem_id for r in rollouts))
 
 
+class _Handles(list):
+    def remove(self):
+        for h in self:
+            h.remove()
+
+
 def _count_forwards(engine):
+    """Count forwards of the model and of its base model (the batched path calls the base model)."""
     calls = []
-    handle = engine.model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls, handle
+    handles = _Handles(
+        m.register_forward_pre_hook(lambda module, args: calls.append(1)) for m in (engine.model, engine.model.model)
+    )
+    return calls, handles
 
 
 def test_rollouts_cover_the_edge_cases(candidates, reference):
@@ -68,9 +79,15 @@ def test_rollouts_cover_the_edge_cases(candidates, reference):
     assert len({len(r.response_ids) for r in candidates}) > 1
 
 
+def test_the_batched_path_supports_qwen2(engine):
+    assert engine.batched, engine.layout.reason
+    assert engine.layout.tied
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
 @pytest.mark.parametrize("mode", GRADIENT_MODES)
-def test_float32_engine_matches_reference(engine, candidates, validation, reference, mode):
-    scores = list(engine.score(candidates, mode, validation))
+def test_float32_engine_matches_reference(engine, candidates, validation, reference, mode, method):
+    scores = list(engine.score(candidates, mode, validation, method=method))
     assert [s.problem_id for s in scores] == _first_appearance(candidates)
     for s in scores:
         ref = reference[s.problem_id]
@@ -82,18 +99,88 @@ def test_float32_engine_matches_reference(engine, candidates, validation, refere
             assert s.score == 0.0
 
 
+@pytest.mark.parametrize("method", EXACT_METHODS)
 @pytest.mark.parametrize("mode", GRADIENT_MODES)
-def test_float64_engine_matches_reference_tightly(engine64, candidates, validation, reference, mode):
-    for s in engine64.score(candidates, mode, validation):
+def test_float64_engine_matches_reference_tightly(engine64, candidates, validation, reference, mode, method):
+    for s in engine64.score(candidates, mode, validation, method=method):
         assert s.score == pytest.approx(expected_score(mode, reference[s.problem_id]), abs=1e-10)
 
 
-def test_align_uses_the_candidates_as_validation(model, engine, candidates):
+@pytest.mark.parametrize("method", EXACT_METHODS)
+def test_align_uses_the_candidates_as_validation(model, engine, candidates, method):
     reference = ReferenceScorer(model).scores(candidates, candidates)
-    scores = list(engine.score(candidates, "align"))
+    scores = list(engine.score(candidates, "align", method=method))
     assert [s.problem_id for s in scores] == _first_appearance(candidates)
     for s in scores:
         assert s.score == pytest.approx(reference[s.problem_id]["cosine"], abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["form", "gram"])
+@pytest.mark.parametrize("max_batch_tokens", [10_000, 40, 9])
+def test_every_layer_strategy_and_batch_size_gives_the_reference(engine64, candidates, validation, reference,
+                                                                 strategy, max_batch_tokens):
+    """Per-group weight gradients formed or taken through token Gram matrices; many groups per batch,
+    one group per batch, and groups split over several batches: all the same scores."""
+    engine64.linear_strategy, engine64.max_batch_tokens = strategy, max_batch_tokens
+    try:
+        for s in engine64.score(candidates, "dot", validation):
+            assert s.score == pytest.approx(reference[s.problem_id]["dot"], abs=1e-10)
+    finally:
+        engine64.linear_strategy, engine64.max_batch_tokens = "auto", 8192
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gram"])
+def test_groups_with_equal_response_counts_use_one_matmul_per_layer(model, engine64, validation, strategy):
+    uniform = uniform_rollouts(seed=4, n_problems=5, n_responses=3)
+    reference = ReferenceScorer(model).scores(uniform, validation)
+    engine64.linear_strategy = strategy
+    try:
+        for s in engine64.score(uniform, "sim", validation):
+            assert s.score == pytest.approx(reference[s.problem_id]["cosine"], abs=1e-10)
+    finally:
+        engine64.linear_strategy = "auto"
+
+
+def test_exact_equals_exact_loop_in_float32(engine, candidates, validation):
+    g_v = engine.validation_gradient(validation)
+    assert torch.allclose(g_v, engine.validation_gradient(validation, method="exact-loop"), atol=1e-6)
+    fast = list(engine.score(candidates, "sim", validation_gradient=g_v))
+    loop = list(engine.score(candidates, "sim", validation_gradient=g_v, method="exact-loop"))
+    assert [s.problem_id for s in fast] == [s.problem_id for s in loop]
+    for a, b in zip(fast, loop):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_untied_model_and_embedding_padding_row(validation):
+    """An untied lm_head is its own parameter; nn.Embedding's padding row gets no gradient."""
+    import copy
+
+    model = tiny_qwen2(seed=3, tied=False, pad_token_id=0)
+    candidates = random_rollouts(seed=5, n_problems=6, prefix="c")
+    candidates += [RolloutRecord("with-pad", (0, 5, 0), (0, 7), 1.0), RolloutRecord("with-pad", (0, 5, 0), (3,), 0.0)]
+    reference = ReferenceScorer(model).scores(candidates, validation)
+    engine = ScoringEngine(copy.deepcopy(model), dtype=torch.float64)
+    assert engine.batched and not engine.layout.tied
+    assert engine.n_parameters == sum(p.numel() for p in model.parameters())
+    for s in engine.score(candidates, "dot", validation):
+        assert s.score == pytest.approx(reference[s.problem_id]["dot"], abs=1e-10)
+
+
+def test_models_the_batched_path_does_not_know_fall_back_to_exact_loop(validation):
+    """GPT-2's Conv1D layers are not nn.Linear: exact still computes the spec, one group at a time."""
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2,
+                                                                n_positions=64)).eval()
+    engine = ScoringEngine(gpt2, dtype=torch.float64)
+    assert not engine.batched and engine.layout.reason
+    candidates = random_rollouts(seed=6, n_problems=4, prefix="g")
+    reference = ReferenceScorer(gpt2).scores(candidates, validation)
+    for s in engine.score(candidates, "sim", validation):
+        assert s.score == pytest.approx(reference[s.problem_id]["cosine"], abs=1e-10)
+    with pytest.raises(InvalidInputError, match="not available for this model"):
+        engine.score(candidates, "sim", validation, method="project")
 
 
 def test_validation_gradient_is_the_normalised_reference(model, engine64, validation):
@@ -204,3 +291,26 @@ def test_load_causal_lm_errors_name_the_path(tmp_path):
     (broken / "config.json").write_text("{}")
     with pytest.raises(InvalidInputError, match=str(broken)):
         load_causal_lm(broken)
+
+
+def _live_tensors() -> int:
+    import gc
+    import warnings
+
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("method", ["exact", "project", "top-layers", "fewer-responses"])
+def test_no_tensor_outlives_its_batch(engine, candidates, validation, method):
+    """Hooks must not keep tensors alive (a tensor's hook holding the tensor is a cycle through C++ that
+    the garbage collector cannot break): every batch's activations are freed when the batch ends, so
+    memory stays flat however many groups are scored."""
+    g_v = engine.validation_gradient(validation, method=method)
+    list(engine.score(candidates, "sim", validation_gradient=g_v, method=method))  # warm caches
+    before = _live_tensors()
+    for _ in range(2):
+        list(engine.score(candidates, "sim", validation_gradient=g_v, method=method))
+    assert _live_tensors() == before

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "checkpoint", "candidate_paths", "validation_paths", "mode", "method", "dtype", "seed", "output_path")
+    __slots__ = ("request_id", "checkpoint", "candidate_paths", "validation_paths", "mode", "method", "dtype", "seed", "output_path", "optimizer_state_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PATHS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ScoreRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     checkpoint: str
     candidate_paths: _containers.RepeatedScalarFieldContainer[str]
@@ -28,7 +29,8 @@ class ScoreRequest(_message.Message):
     dtype: str
     seed: int
     output_path: str
-    def __init__(self, request_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., candidate_paths: _Optional[_Iterable[str]] = ..., validation_paths: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., method: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., output_path: _Optional[str] = ...) -> None: ...
+    optimizer_state_path: str
+    def __init__(self, request_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., candidate_paths: _Optional[_Iterable[str]] = ..., validation_paths: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., method: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., output_path: _Optional[str] = ..., optimizer_state_path: _Optional[str] = ...) -> None: ...
 
 class ProblemScore(_message.Message):
     __slots__ = ("problem_id", "score", "accuracy", "n_responses", "zero_advantage")

@@ -1,7 +1,8 @@
 """The `gradalign score` command: score candidate rollouts from local files, write scores as JSONL.
 
 Bad input (a missing file, a malformed record, an unknown mode or method, a missing
---validation, a directory that is not a model) prints a message on stderr and exits 2.
+--validation, a directory that is not a model, an optimizer state that does not fit the
+model) prints a message on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ from tqdm import tqdm
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.modeling import check_model_dir, parse_dtype
+from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.selection import get_mode, mode_names
-from services.scoring.engine import (
-    METHODS,
-    ScoringEngine,
-    check_method,
-    parse_device,
-    score_without_gradients,
-)
+from services.scoring.engine import ScoringEngine, parse_device, score_without_gradients
+from services.scoring.methods import METHODS, parse_method
 
 BAD_INPUT_EXIT_CODE = 2
 
@@ -35,15 +32,23 @@ def score_command(
         None, "--validation", help="Validation rollouts (JSONL or parquet); needed by sim, dot, simacc, negsim."
     ),
     mode: str = typer.Option(..., "--mode", help=f"Selection mode: {', '.join(mode_names())}."),
-    method: str = typer.Option("exact", "--method", help=f"Scoring method: {', '.join(METHODS)}."),
+    method: str = typer.Option(
+        "exact", "--method",
+        help=f"Scoring method: {', '.join(METHODS)}. Approximate methods are used only when named here.",
+    ),  # fmt: skip
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, float64, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the rand mode."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the rand mode (and of fewer-responses' choice)."),
+    optimizer_state: Optional[Path] = typer.Option(
+        None, "--optimizer-state",
+        help="Adam state file (safetensors, gradalign_common/optimizer_state.py): precondition every gradient "
+        "by 1 / (sqrt(bias-corrected exp_avg_sq) + eps).",
+    ),  # fmt: skip
     out: Path = typer.Option(..., "--out", help="Where to write the scores (JSONL, one line per candidate problem)."),
 ) -> None:
     """Score candidate problems by gradient alignment (shared/spec/gradalign-score.md) and write JSONL."""
     try:
-        scores = _score(model, candidates, validation, mode, method, dtype, device, seed)
+        scores = _score(model, candidates, validation, mode, method, dtype, device, seed, optimizer_state)
     except InvalidInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
@@ -60,13 +65,15 @@ def _score(
     dtype_name: str,
     device: str,
     seed: int,
+    optimizer_state: Optional[Path] = None,
 ) -> list[ScoreRecord]:
     """Check the arguments, read the rollouts and score them; InvalidInputError on bad input."""
     mode = get_mode(mode_name)
-    check_method(method)
+    spec = parse_method(method)
     dtype = parse_dtype(dtype_name)
     parse_device(device)
     check_model_dir(model)
+    state = read_optimizer_state(optimizer_state) if optimizer_state is not None else None
     if mode.needs_validation and validation_path is None:
         raise InvalidInputError(f"mode {mode.name!r} needs --validation")
     candidates = read_rollouts(candidates_path)
@@ -74,15 +81,24 @@ def _score(
         return score_without_gradients(candidates, mode, seed)
     validation = read_rollouts(validation_path) if mode.needs_validation else None
     engine = ScoringEngine.from_pretrained(model, device=device, dtype=dtype)
+    preconditioner = None if state is None else engine.preconditioner(state, key=file_fingerprint(optimizer_state))
     g_v = None
     if validation is not None:
         with _progress_bar(len(group_rollouts(validation)), "validation gradient") as bar:
-            g_v = engine.validation_gradient(validation, progress=lambda done, total: bar.update(1))
-    with _progress_bar(len(group_rollouts(candidates)), f"scoring ({mode.name})") as bar:
+            g_v = engine.validation_gradient(
+                validation, progress=_updater(bar), method=spec, preconditioner=preconditioner
+            )
+    with _progress_bar(len(group_rollouts(candidates)), f"scoring ({mode.name}, {spec.name})") as bar:
         scores = engine.score(
-            candidates, mode, validation_gradient=g_v, seed=seed, progress=lambda done, total: bar.update(1)
+            candidates, mode, validation_gradient=g_v, method=spec, preconditioner=preconditioner, seed=seed,
+            progress=_updater(bar),
         )
         return list(scores)
+
+
+def _updater(bar: tqdm):
+    """A progress callback that moves the bar to `done`."""
+    return lambda done, total: bar.update(done - bar.n)
 
 
 def _progress_bar(total: int, description: str) -> tqdm:

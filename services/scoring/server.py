@@ -2,8 +2,11 @@
 
 The service keeps one model loaded and swaps it only when a request names a different
 checkpoint (its path, or the mtime of its config or weights, changed). It caches the
-last validation gradient, keyed on (checkpoint, dtype, validation files and their mtimes).
-Requests that need the model run one at a time.
+last validation gradient, keyed on (checkpoint, dtype, validation files and their mtimes,
+the method's gradient space, the optimizer state file and its mtime). Requests that need
+the model run one at a time. A request's `method` defaults to exact; approximate methods
+are used only when named. With `optimizer_state_path`, gradients are preconditioned by the
+trainer's Adam second moments (gradalign_common.optimizer_state).
 
 For align (validation = the candidates' own rollouts) a sharded round passes every
 shard's candidate files as validation_paths, so each shard uses the whole round's g_V
@@ -28,10 +31,11 @@ from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, 
 from gradalign_common.logging_setup import configure_logging, get_logger
 from gradalign_common.pb import common_pb2, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
-from gradalign_common.selection import get_mode
 from gradalign_common.modeling import checkpoint_fingerprint, parse_dtype
-from gradalign_common.selection import ValidationSource
-from services.scoring.engine import ScoringEngine, check_method, score_without_gradients
+from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
+from gradalign_common.selection import ValidationSource, get_mode
+from services.scoring.engine import Preconditioner, ScoringEngine, score_without_gradients
+from services.scoring.methods import MethodSpec, parse_method
 from services.scoring.settings import ScoringSettings
 
 SERVICE_NAME = "gradalign.v1.ScoringService"
@@ -78,6 +82,13 @@ class _CachedValidationGradient:
     gradient: torch.Tensor
 
 
+@dataclass
+class _CachedPreconditioner:
+    key: tuple
+    engine: ScoringEngine
+    preconditioner: Preconditioner
+
+
 class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     """Implements gradalign.v1.ScoringService."""
 
@@ -86,12 +97,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         self._lock = threading.Lock()  # one model-using request at a time
         self._loaded: _LoadedModel | None = None
         self._validation_cache: _CachedValidationGradient | None = None
+        self._preconditioner_cache: _CachedPreconditioner | None = None
 
     @rpc_errors("scoring")
     def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext) -> Iterator[scoring_pb2.ScoreEvent]:
         started = time.perf_counter()
         mode = get_mode(request.mode)
-        check_method(request.method or "exact")
+        method = parse_method(request.method or "exact")
         dtype = parse_dtype(request.dtype or self.settings.dtype)
         if mode.needs_gradients and not request.checkpoint:
             raise InvalidInputError(f"mode {mode.name!r} needs a checkpoint")
@@ -111,12 +123,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         else:
             with self._lock:
                 engine = self._engine(request.checkpoint, dtype)
+                preconditioner = self._preconditioner(engine, request.optimizer_state_path)
                 g_v = None
                 if mode.needs_validation or (
                     mode.validation is ValidationSource.CANDIDATES and request.validation_paths
                 ):
-                    g_v, cached = self._validation_gradient(request.validation_paths)
-                for record in engine.score(candidates, mode, validation_gradient=g_v, seed=request.seed):
+                    g_v, cached = self._validation_gradient(request.validation_paths, method, preconditioner)
+                for record in engine.score(
+                    candidates, mode, validation_gradient=g_v, method=method, preconditioner=preconditioner,
+                    seed=request.seed,
+                ):
                     scores.append(record)
                     yield _score_event(record)
                     yield _progress_event(len(scores), total)
@@ -124,7 +140,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         if request.output_path:
             write_scores_jsonl(request.output_path, scores)
         seconds = time.perf_counter() - started
-        log.info("scored", request_id=request.request_id, mode=mode.name, n_problems=len(scores),
+        log.info("scored", request_id=request.request_id, mode=mode.name, method=method.name, n_problems=len(scores),
                  seconds=round(seconds, 3), validation_gradient_cached=cached)
         yield scoring_pb2.ScoreEvent(
             summary=scoring_pb2.ScoreSummary(
@@ -146,14 +162,36 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             self._loaded = _LoadedModel(fingerprint, engine)
         return self._loaded.engine
 
-    def _validation_gradient(self, paths: Sequence[str]) -> tuple[torch.Tensor, bool]:
+    def _preconditioner(self, engine: ScoringEngine, path: str) -> Preconditioner | None:
+        """The preconditioner from the optimizer state file at `path` (None when empty), reused while unchanged."""
+        if not path:
+            return None
+        key = file_fingerprint(path)
+        cached = self._preconditioner_cache
+        if cached is not None and cached.key == key and cached.engine is engine:
+            return cached.preconditioner
+        self._preconditioner_cache = None
+        preconditioner = engine.preconditioner(read_optimizer_state(path), key=key)
+        self._preconditioner_cache = _CachedPreconditioner(key, engine, preconditioner)
+        return preconditioner
+
+    def _validation_gradient(
+        self, paths: Sequence[str], method: MethodSpec, preconditioner: Preconditioner | None
+    ) -> tuple[torch.Tensor, bool]:
         """(g_V, whether it came from the cache) of the loaded model for the validation rollouts in `paths`."""
         assert self._loaded is not None, "load the checkpoint first"
-        key = (self._loaded.fingerprint, rollout_files_fingerprint(paths))
+        key = (
+            self._loaded.fingerprint,
+            rollout_files_fingerprint(paths),
+            method.gradient_space,
+            None if preconditioner is None else preconditioner.key,
+        )
         if self._validation_cache is not None and self._validation_cache.key == key:
             return self._validation_cache.gradient, True
         self._validation_cache = None
-        gradient = self._loaded.engine.validation_gradient(read_all_rollouts(paths, "validation"))
+        gradient = self._loaded.engine.validation_gradient(
+            read_all_rollouts(paths, "validation"), method=method, preconditioner=preconditioner
+        )
         self._validation_cache = _CachedValidationGradient(key, gradient)
         return gradient, False
 

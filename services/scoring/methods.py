@@ -1,0 +1,72 @@
+"""Scoring methods: how the per-candidate gradient signals (cos and dot with g_V) are computed.
+
+- exact: the spec's definition, several groups per forward and backward, each group's
+  contribution separated on the fly (services.scoring.pergroup); falls back to
+  exact-loop for a model whose layers it does not know.
+- exact-loop: the spec's definition the straightforward way, one group per backward and
+  full per-group gradients (the internal reference of exact).
+- project[-K] (approximate): LoGra-style per-layer random projections; each linear layer's
+  weight gradient is seen through K x K Gaussian projections of its inputs and output
+  gradients (default K = 16), never formed.
+- top-layers[-N] (approximate): gradients of only the last N decoder layers and the final
+  norm (default N = 1), so the backward stops at layer N from the top.
+- fewer-responses[-M] (approximate): each candidate's gradient from M of its responses
+  (default: half, rounded up), chosen by a seeded draw per problem; advantages still come
+  from all of the group's rewards.
+
+An approximate method is only used when asked for by name; it never replaces exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gradalign_common.errors import InvalidInputError
+
+EXACT_FAMILIES = ("exact", "exact-loop")
+APPROXIMATE_FAMILIES = ("project", "top-layers", "fewer-responses")
+DEFAULT_PARAMETER = {"project": 16, "top-layers": 1, "fewer-responses": None}
+METHODS = EXACT_FAMILIES + tuple(f"{f}[-N]" for f in APPROXIMATE_FAMILIES)
+"""Help text: the method names `parse_method` accepts."""
+
+_NAME_RE = re.compile(r"^(exact|exact-loop|project|top-layers|fewer-responses)(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed scoring method: its family and its size parameter (None: the family's default)."""
+
+    family: str
+    parameter: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.family if self.parameter is None else f"{self.family}-{self.parameter}"
+
+    @property
+    def exact(self) -> bool:
+        return self.family in EXACT_FAMILIES
+
+    @property
+    def gradient_space(self) -> str:
+        """Which space its g_V lives in: methods with the same space can share a validation gradient."""
+        if self.family in ("exact", "exact-loop", "fewer-responses"):
+            return "full"
+        return self.name
+
+
+def parse_method(name: str | MethodSpec) -> MethodSpec:
+    """The MethodSpec called `name` (e.g. exact, project-32, top-layers-2); InvalidInputError if unknown."""
+    if isinstance(name, MethodSpec):
+        return name
+    match = _NAME_RE.match(name or "")
+    if match is None:
+        raise InvalidInputError(f"unknown scoring method {name!r}; valid methods: {', '.join(METHODS)}")
+    family, number = match.group(1), match.group(2)
+    if number is not None and family in EXACT_FAMILIES:
+        raise InvalidInputError(f"unknown scoring method {name!r}; {family} takes no size")
+    parameter = DEFAULT_PARAMETER.get(family) if number is None else int(number)
+    if parameter is not None and parameter < 1:
+        raise InvalidInputError(f"scoring method {name!r}: the size must be >= 1")
+    return MethodSpec(family, parameter)
