@@ -13,6 +13,7 @@ from gradalign_common.errors import InvalidInputError, NotFoundError
 from gradalign_common.records import RolloutRecord
 from gradalign_common.selection import seeded_uniform_scores
 from gradalign_common.modeling import load_model as load_causal_lm, parse_dtype
+from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, score_without_gradients
 from scoring_fixtures import ReferenceScorer, expected_score, random_rollouts, tiny_qwen2, uniform_rollouts
 
@@ -126,7 +127,7 @@ def test_every_layer_strategy_and_batch_size_gives_the_reference(engine64, candi
         for s in engine64.score(candidates, "dot", validation):
             assert s.score == pytest.approx(reference[s.problem_id]["dot"], abs=1e-10)
     finally:
-        engine64.linear_strategy, engine64.max_batch_tokens = "auto", 8192
+        engine64.linear_strategy, engine64.max_batch_tokens = "auto", DEFAULT_MAX_BATCH_TOKENS
 
 
 @pytest.mark.parametrize("strategy", ["auto", "gram"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gradalign_common.errors import InvalidInputError
+from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, subsample_indices
 from services.scoring.methods import MethodSpec, parse_method
 from scoring_fixtures import ReferenceScorer, random_rollouts, reference_advantages, tiny_qwen2
@@ -112,7 +113,7 @@ def test_project_is_the_cosine_of_projected_gradients(engine64, candidates, vali
     try:
         scores = list(engine64.score(candidates, "sim", validation, method=f"project-{k}"))
     finally:
-        engine64.max_batch_tokens = 8192
+        engine64.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS
     for s in scores:
         if s.zero_advantage:
             assert s.score == 0.0

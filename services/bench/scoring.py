@@ -52,6 +52,7 @@ from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts,
 from gradalign_common.selection import get_mode, select_top
 from services.scoring.engine import ScoringEngine, parse_device
 from services.scoring.methods import parse_method
+from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_APPROXIMATIONS = ("project", "top-layers", "fewer-responses")
 
@@ -85,7 +86,7 @@ class BenchConfig:
     memory_multiplier: int = 4
     replicas: int = 0
     replica_threads: int = 1
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     seed: int = 0
 
 
@@ -648,7 +649,10 @@ def scoring_command(
     memory_multiplier: int = typer.Option(4, "--memory-multiplier", min=0, help="Also run exact on this many times the groups (0/1: skip)."),
     replicas: int = typer.Option(0, "--replicas", min=0, help="Also time the round sharded over N scorer processes vs 1 (0: skip)."),
     replica_threads: int = typer.Option(1, "--replica-threads", min=1, help="Torch threads per scorer process."),
-    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", min=1, help="Rows x width of one batched forward."),
+    max_batch_tokens: int = typer.Option(
+        DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", min=1,
+        help="Rows x width of one batched forward (floor and exact alike); raise it on a GPU.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the model weights and rollouts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write all results as JSON here."),
 ) -> None:

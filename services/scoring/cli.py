@@ -21,6 +21,7 @@ from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts,
 from gradalign_common.selection import get_mode, mode_names
 from services.scoring.engine import ScoringEngine, parse_device, score_without_gradients
 from services.scoring.methods import METHODS, parse_method
+from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 
 BAD_INPUT_EXIT_CODE = 2
 
@@ -38,6 +39,10 @@ def score_command(
     ),  # fmt: skip
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, float64, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    max_batch_tokens: int = typer.Option(
+        DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", min=1,
+        help="Rows x width of one batched forward (memory per batch); raise it on a GPU.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the rand mode (and of fewer-responses' choice)."),
     optimizer_state: Optional[Path] = typer.Option(
         None, "--optimizer-state",
@@ -48,7 +53,7 @@ def score_command(
 ) -> None:
     """Score candidate problems by gradient alignment (shared/spec/gradalign-score.md) and write JSONL."""
     try:
-        scores = _score(model, candidates, validation, mode, method, dtype, device, seed, optimizer_state)
+        scores = _score(model, candidates, validation, mode, method, dtype, device, seed, optimizer_state, max_batch_tokens)
     except InvalidInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
@@ -66,6 +71,7 @@ def _score(
     device: str,
     seed: int,
     optimizer_state: Optional[Path] = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> list[ScoreRecord]:
     """Check the arguments, read the rollouts and score them; InvalidInputError on bad input."""
     mode = get_mode(mode_name)
@@ -80,7 +86,7 @@ def _score(
     if not mode.needs_gradients:
         return score_without_gradients(candidates, mode, seed)
     validation = read_rollouts(validation_path) if mode.needs_validation else None
-    engine = ScoringEngine.from_pretrained(model, device=device, dtype=dtype)
+    engine = ScoringEngine.from_pretrained(model, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
     preconditioner = None if state is None else engine.preconditioner(state, key=file_fingerprint(optimizer_state))
     g_v = None
     if validation is not None:

@@ -389,6 +389,8 @@ class ScoringEngine:
     def _plan(self, k: int, preconditioner: Preconditioner | None) -> pergroup.ProjectionPlan:
         key = (k, None if preconditioner is None else (preconditioner.key, id(preconditioner)))
         if key not in self._plans:
+            if len(self._plans) >= 4:  # a long-running scorer sees a new optimizer state every round
+                self._plans.clear()
             tracked = list(range(len(self._params)))
             c = self._inverse_by_index(preconditioner, tracked)
             self._plans[key] = pergroup.ProjectionPlan(

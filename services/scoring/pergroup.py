@@ -47,7 +47,7 @@ from gradalign_common.records import RolloutRecord
 ROWS = "rows"  # a tensor laid out [rows, width, ...] like the batch's input ids
 TOKENS = "tokens"  # a tensor laid out [selected tokens, ...] (lm_head's input and output)
 
-DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_TOKENS = 2048  # rows x width per forward: small batches stay in cache on CPU; raise on GPU
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -158,7 +158,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             self._loaded = None
             self._validation_cache = None
             log.info("loading_checkpoint", checkpoint=checkpoint, dtype=str(dtype))
-            engine = ScoringEngine.from_pretrained(checkpoint, device=self.settings.device, dtype=dtype)
+            engine = ScoringEngine.from_pretrained(
+                checkpoint, device=self.settings.device, dtype=dtype, max_batch_tokens=self.settings.max_batch_tokens
+            )
             self._loaded = _LoadedModel(fingerprint, engine)
         return self._loaded.engine
 

@@ -6,12 +6,17 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from gradalign_common.settings import WorkerSettings
+from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 
 
 class ScoringSettings(WorkerSettings):
-    """The scoring worker's settings: the common worker settings, port 50052, and the default model dtype."""
+    """The scoring worker's settings: the common worker settings, port 50052, the default model dtype and the
+    batch size (rows x width) of the batched exact scorer."""
 
     model_config = SettingsConfigDict(env_prefix="GRADALIGN_SCORING_", extra="ignore")
 
     port: int = Field(default=50052, ge=0, le=65535)
     dtype: str = Field(default="float32", description="model dtype when a request names none")
+    max_batch_tokens: int = Field(
+        default=DEFAULT_MAX_BATCH_TOKENS, ge=1, description="rows x width of one batched forward of the exact scorer"
+    )
