@@ -315,3 +315,17 @@ def test_no_tensor_outlives_its_batch(engine, candidates, validation, method):
     for _ in range(2):
         list(engine.score(candidates, "sim", validation_gradient=g_v, method=method))
     assert _live_tensors() == before
+
+
+def test_very_uneven_groups_in_one_batch(model, engine64, candidates, validation):
+    """A long group next to short ones: lm_head's per-group gradients are formed group by group instead
+    of padding its output gradient; rows are padded. Scores are unchanged."""
+    long_group = [RolloutRecord("zz-long", (1, 2), tuple(range(1, 30)), 1.0), RolloutRecord("zz-long", (1, 2), (3,), 0.0)]
+    rollouts = candidates + long_group
+    reference = ReferenceScorer(model).scores(rollouts, validation)
+    engine64.max_batch_tokens = 100_000
+    try:
+        for s in engine64.score(rollouts, "sim", validation):
+            assert s.score == pytest.approx(reference[s.problem_id]["cosine"], abs=1e-10)
+    finally:
+        engine64.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS

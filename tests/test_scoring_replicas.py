@@ -60,7 +60,8 @@ def test_two_processes_give_the_scores_of_one(replicas, data, tiny_model_dir, mo
     one, sharded = _by_id(one), _by_id(sharded)
     assert set(one) == set(sharded)
     for pid, s in sharded.items():
-        assert s.score == pytest.approx(one[pid].score, rel=1e-6, abs=1e-7)
+        # float32: batches of different groups round differently (the dot mode is preconditioned: ~1e-6 relative)
+        assert s.score == pytest.approx(one[pid].score, rel=1e-5, abs=1e-7)
         assert (s.accuracy, s.n_responses, s.zero_advantage) == (one[pid].accuracy, one[pid].n_responses,
                                                                  one[pid].zero_advantage)
     if mode == "sim":  # and both equal the engine in this process

@@ -20,6 +20,10 @@ response tokens/s and peak memory (CPU: the process's peak resident set size abo
 the start of the run, after returning freed heap to the OS; CUDA: torch's peak allocation
 above the start). Validation gradients are computed once per method beforehand and reported apart.
 
+On a GPU, at a larger size, e.g. Qwen2.5-0.5B's architecture with random weights:
+    gradalign bench scoring --preset qwen2.5-0.5b --groups 16 --responses 128 --tokens 512 \
+        --device cuda --dtype bfloat16 --max-batch-tokens 65536 --methods project,top-layers
+
 --memory-multiplier M runs exact again on the round and then on M times as many groups, back to
 back, and reports both peaks (memory must stay flat). --replicas N scores the round with N scorer processes (services.scoring.server,
 --replica-threads torch threads each) against one such process, and reports the time ratio.
@@ -37,10 +41,9 @@ import statistics
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +52,8 @@ import typer
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.modeling import parse_dtype
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, write_rollouts, write_rollouts_jsonl
-from gradalign_common.selection import get_mode, select_top
+from gradalign_common.advantages import accuracy, grpo_advantages, is_zero_advantage
+from gradalign_common.selection import GroupSignals, get_mode, select_top
 from services.scoring.engine import ScoringEngine, parse_device
 from services.scoring.methods import parse_method
 from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
@@ -162,8 +166,7 @@ class ReferenceMethod:
         self.mini_batch_size = mini_batch_size
 
     def _accumulate_gradients(self, groups: list[list[RolloutRecord]], advantages: list[list[float]], denominator_of) -> None:
-        from gradalign_common.advantages import grpo_advantages  # noqa: F401 - advantages come from the caller
-
+        """model.zero_grad, then forward and backward in mini-batches of responses, gradients into .grad."""
         self.model.zero_grad(set_to_none=True)
         items = [(r, a, denominator_of(gi)) for gi, (g, adv) in enumerate(zip(groups, advantages)) for r, a in zip(g, adv)]
         for start in range(0, len(items), self.mini_batch_size):
@@ -204,17 +207,12 @@ class ReferenceMethod:
         return gradients, norm
 
     def validation_gradient(self, validation: Sequence[RolloutRecord]) -> dict[str, torch.Tensor]:
-        from gradalign_common.advantages import grpo_advantages
-
         groups = list(group_rollouts(validation).values())
         total = response_tokens(validation)
         self._accumulate_gradients(groups, [grpo_advantages([r.reward for r in g]) for g in groups], lambda _: total)
         return self._gradients(normalise=True)[0]
 
     def score(self, candidates: Sequence[RolloutRecord], g_v: dict[str, torch.Tensor], mode: str) -> list[ScoreRecord]:
-        from gradalign_common.advantages import accuracy, grpo_advantages, is_zero_advantage
-        from gradalign_common.selection import GroupSignals
-
         mode = get_mode(mode)
         out = []
         for pid, group in group_rollouts(candidates).items():

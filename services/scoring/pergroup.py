@@ -389,6 +389,12 @@ class Batch:
         out[self._token_index] = t
         return out
 
+    def padding_ratio(self, layout: str) -> float:
+        """Size of `padded`'s result over the size of its input."""
+        if layout == ROWS:
+            return self.n_slots * self.max_rows / self.n_rows
+        return self.n_slots * self.max_tokens / max(1, self.n_tokens)
+
     def unique_range(self, first: int, stop: int) -> tuple[int, int]:
         """The unique embedding rows of slots first .. stop - 1 (contiguous)."""
         return self._unique_bounds[first][0], self._unique_bounds[stop - 1][1]
@@ -683,6 +689,11 @@ class ExactCollector:
 
     def linear(self, w: int | None, b: int | None, x: torch.Tensor, dy: torch.Tensor, layout: str) -> None:
         batch = self.batch
+        if w is not None and layout == TOKENS and batch.padding_ratio(TOKENS) > 1.5:
+            # Uneven groups: one matmul per group rather than padding lm_head's large output gradient.
+            for s, (t0, t1) in enumerate(batch.token_ranges):
+                self._dense(s, w, dy[t0:t1].T @ x[t0:t1])
+            w = None
         if w is not None:
             v = self.v[w]
             xs, ds = batch.padded(x, layout), batch.padded(dy, layout)  # [slots, tokens, features]
