@@ -37,6 +37,7 @@ from gradalign_common import noisy_rewards  # noqa: F401 - registers the noisy d
 from gradalign_common.datasets import problem_from_record
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.records import Problem
+from gradalign_common.tiny_model import supervised_step
 
 CORRECT_SOURCE = "arith"
 
@@ -340,32 +341,11 @@ def warm_start_families(
     data = {t: [(p, a) for p, a in instances(t) if p not in excluded] for t in types}
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
-    eos = tokenizer.eos_token_id
     model.train()
     loss_value = float("nan")
     for step in range(steps):
         batch = [rng.choice(data[t]) for t in rng.choices(types, weights, k=batch_size)]
-        seqs, labels = [], []
-        for prompt, answer in batch:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append(p + a)
-            labels.append([-100] * len(p) + a)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        lab = torch.full((len(seqs), width), -100)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            ids[i, : len(s)] = torch.tensor(s)
-            lab[i, : len(l)] = torch.tensor(l)
-            mask[i, : len(s)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
+        loss_value = supervised_step(model, tokenizer, batch, opt, sched)
         if callback is not None and callback(step + 1):
             break
     model.eval()

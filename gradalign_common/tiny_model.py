@@ -50,6 +50,32 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer):
     return Qwen2ForCausalLM(config)
 
 
+def supervised_step(model, tokenizer, batch: list[tuple[str, str]], opt, sched) -> float:
+    """One supervised step on (prompt, answer) pairs: loss on answer + EOS tokens only; returns the loss."""
+    eos = tokenizer.eos_token_id
+    seqs, labels = [], []
+    for prompt, answer in batch:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    lab = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(s)] = 1
+    loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def warm_start(model, tokenizer, spec: TinyModelSpec, exclude: set[str] = frozenset()) -> float:
     """Supervised pass on "a+b=" -> "c<eos>" (loss on the answer only); returns the last loss."""
     rng = random.Random(spec.seed)
@@ -57,32 +83,11 @@ def warm_start(model, tokenizer, spec: TinyModelSpec, exclude: set[str] = frozen
     pairs = [p for p in pairs if arith_problem(*p)[0] not in exclude]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
-    eos = tokenizer.eos_token_id
     model.train()
     loss_value = float("nan")
     for _ in range(spec.warmup_steps):
         batch = [arith_problem(*rng.choice(pairs)) for _ in range(spec.batch_size)]
-        seqs, labels = [], []
-        for prompt, answer in batch:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append(p + a)
-            labels.append([-100] * len(p) + a)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        lab = torch.full((len(seqs), width), -100)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            ids[i, : len(s)] = torch.tensor(s)
-            lab[i, : len(l)] = torch.tensor(l)
-            mask[i, : len(s)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
+        loss_value = supervised_step(model, tokenizer, batch, opt, sched)
     model.eval()
     return loss_value
 
