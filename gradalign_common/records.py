@@ -104,7 +104,7 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
     if path.suffix == ".parquet":
         table = _read_parquet(path, required=["problem_id", "prompt_ids", "response_ids", "reward"])
         rows = table.to_pylist()
-        return [_rollout_from_dict(row, f"{path} row {i}") for i, row in enumerate(rows)]
+        return [rollout_from_dict(row, f"{path} row {i}") for i, row in enumerate(rows)]
     records = []
     with path.open() as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -117,7 +117,7 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
                 raise InvalidInputError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"{where}: expected a JSON object")
-            records.append(_rollout_from_dict(obj, where))
+            records.append(rollout_from_dict(obj, where))
     if not records:
         raise InvalidInputError(f"{path}: no rollout records")
     return records
@@ -157,7 +157,8 @@ def read_scores_jsonl(path: str | Path) -> list[ScoreRecord]:
         return [ScoreRecord(**json.loads(line)) for line in fh if line.strip()]
 
 
-def _rollout_from_dict(obj: dict, where: str) -> RolloutRecord:
+def rollout_from_dict(obj: dict, where: str) -> RolloutRecord:
+    """One rollout record from a parsed row (JSONL object or parquet row); `where` names it in errors."""
     pid = obj.get("problem_id")
     if pid is None or (isinstance(pid, str) and not pid):
         raise InvalidInputError(f"{where}: missing problem_id")

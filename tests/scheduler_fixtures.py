@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from services.scheduler.settings import SchedulerSettings
@@ -42,3 +43,15 @@ def experiment_body(model_dir: Path, **overrides) -> dict:
     }
     body.update(overrides)
     return body
+
+
+def wait_for_experiment(client, exp_id: int, timeout: float = 300.0, poll: float = 0.3) -> dict:
+    """Poll GET /api/v1/experiments/{id} until it completes, fails or is cancelled; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    exp: dict = {}
+    while time.monotonic() < deadline:
+        exp = client.get(f"/api/v1/experiments/{exp_id}").json()
+        if exp["status"] in ("completed", "failed", "cancelled"):
+            return exp
+        time.sleep(poll)
+    raise AssertionError(f"experiment {exp_id} did not finish in {timeout}s: {exp}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from services.bench.quality import load_config, run_hash
+from services.bench.quality import load_config, paired_against, run_hash
 from services.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +90,38 @@ def test_the_smoke_benchmark_writes_runs_tables_and_plots(smoke_results):
     assert all(len(line.split("|")) == len(header.split("|")) for line in mode_rows[: len(MODES)])
     assert md in output  # the command prints the summary
 
+    assert "Paired against rand" in md
+    with (results / "paired.csv").open() as fh:
+        paired = list(csv.DictReader(fh))
+    assert [r["mode"] for r in paired] == [m for m in MODES if m != "rand"]
+    for r in paired:
+        assert r["baseline"] == "rand" and int(r["n_seeds"]) == len(SEEDS) and 0 <= int(r["ahead"]) <= len(SEEDS)
+
     for name in ("accuracy.png", "selected_fraction.png"):
         _assert_png(results / name)
+
+
+def _run(accuracy: list[float]) -> dict:
+    return {"accuracy": accuracy}
+
+
+def test_paired_against_rand_compares_the_same_seed_only():
+    runs = {
+        ("sim", 0): _run([0.5, 0.6, 0.7]), ("rand", 0): _run([0.5, 0.5, 0.4]),
+        ("sim", 1): _run([0.2, 0.2, 0.3]), ("rand", 1): _run([0.2, 0.4, 0.4]),
+        ("sim", 2): _run([0.9, 0.9, 0.9]),  # no rand run for seed 2: left out
+        ("dot", 5): _run([0.1, 0.1, 0.1]),  # no common seed with rand: no row
+    }
+    (sim,) = paired_against(runs, ["sim", "dot", "rand"], [0, 1, 2, 5])
+    assert sim["mode"] == "sim" and sim["baseline"] == "rand" and sim["seeds"] == [0, 1]
+    assert sim["final_diff"] == pytest.approx([0.3, -0.1])
+    assert sim["final_diff_mean"] == pytest.approx(0.1)
+    assert sim["final_diff_std"] == pytest.approx(0.08 ** 0.5)  # sample std of (0.3, -0.1)
+    assert sim["ahead"] == 1
+    # over rounds 1..R: seed 0 (0.65 - 0.45) = 0.2, seed 1 (0.25 - 0.4) = -0.15
+    assert sim["rounds_diff_mean"] == pytest.approx(0.025)
+    assert sim["rounds_ahead"] == 1
+    assert paired_against(runs, ["sim"], [0, 1], baseline="align") == []
 
 
 def test_a_rerun_skips_finished_runs_and_redoes_missing_stale_or_broken_ones(smoke_results):
@@ -143,6 +173,7 @@ def test_seeds_and_modes_can_be_narrowed(smoke_results, tmp_path):
         ("data: {test: {division: 3}}\n", "unknown problem type 'division'"),
         ("data: {noise: {rate: 0.5, rewards: {nope: 1}}}\n", "unknown data_source 'nope'"),
         ("modes: [sim, best]\n", "unknown selection mode 'best'"),
+        ("data: {test_weights: {add2: 0, copy: 0}}\n", "some type a weight > 0"),
     ],
 )
 def test_a_bad_config_is_refused_with_the_reason(tmp_path, text, message):

@@ -15,22 +15,12 @@ import pytest
 import torch
 
 from gradalign_common.modeling import load_model
-from scheduler_fixtures import experiment_body
+from scheduler_fixtures import experiment_body, wait_for_experiment
 from services.stack import LocalStack, StackConfig, free_port
 
 pytestmark = pytest.mark.slow
 
 CONFIG = dict(chunk_size=16, k=4, train_batch_size=4, iters_per_select=2, num_selections=4, mode="sim", learning_rate=1e-3)
-
-
-def _wait(client, exp_id, timeout=300.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        exp = client.get(f"/api/v1/experiments/{exp_id}").json()
-        if exp["status"] in ("completed", "failed", "cancelled"):
-            return exp
-        time.sleep(0.3)
-    raise AssertionError(f"experiment {exp_id} did not finish: {exp}")
 
 
 def _results(client, exp_id):
@@ -71,7 +61,7 @@ def test_scheduler_killed_at_random_points_resumes_exactly(tmp_path, tiny_model_
         stack.start()
         client = httpx.Client(base_url=config.api_url, timeout=30, headers=config.auth_headers)
         ref = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, name="uninterrupted", **CONFIG)).json()
-        assert _wait(client, ref["id"])["status"] == "completed"
+        assert wait_for_experiment(client, ref["id"])["status"] == "completed"
 
         crashed = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, name="crashed", **CONFIG)).json()
         kills = 0
@@ -85,7 +75,7 @@ def test_scheduler_killed_at_random_points_resumes_exactly(tmp_path, tiny_model_
             client = httpx.Client(base_url=config.api_url, timeout=30, headers=config.auth_headers)
         print(f"killed the scheduler {kills} times")
         assert kills >= 2
-        assert _wait(client, crashed["id"])["status"] == "completed"
+        assert wait_for_experiment(client, crashed["id"])["status"] == "completed"
         expected, got = _results(client, ref["id"]), _results(client, crashed["id"])
 
     assert len(got) == len(expected) == 4

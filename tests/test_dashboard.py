@@ -133,6 +133,23 @@ def browser():
 @pytest.fixture
 def page(browser, scheduler):
     """A fresh browser context (own localStorage) at a laptop-sized viewport; fails the test on page errors."""
+    yield from _open_page(browser, scheduler)
+
+
+@pytest.fixture
+def guarded_scheduler(tmp_path, database_url):
+    """A scheduler with read_requires_token: every read, the event stream included, needs the token."""
+    live = LiveScheduler(make_settings(tmp_path, database_url, bootstrap_token=TOKEN, read_requires_token=True))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def guarded_page(browser, guarded_scheduler):
+    yield from _open_page(browser, guarded_scheduler)
+
+
+def _open_page(browser, scheduler):
     context = browser.new_context(viewport={"width": 1366, "height": 860}, base_url=scheduler.url)
     context.set_default_timeout(TIMEOUT_MS)
     p = context.new_page()
@@ -569,3 +586,49 @@ def test_actions_need_a_token_and_say_so(scheduler, page, tiny_model_dir, tmp_pa
     page.wait_for_selector('#exp-title[data-status="running"]')
     with scheduler.sessions() as s:
         assert s.get(Experiment, exp_id).status == "running"
+
+
+def test_live_events_send_the_token_when_reads_need_one(guarded_scheduler, guarded_page, tiny_model_dir, tmp_path):
+    """With read_requires_token the event stream needs the header EventSource cannot send: the page
+    streams over fetch() with the saved token, reconnects with it, and stops (saying 401) without one."""
+    live, p = guarded_scheduler, guarded_page
+    exp_id = seed_experiment(live, tiny_model_dir, tmp_path, name="guarded", mode="sim", rewards=[0.3], running=True, with_details=False)
+    streams: list[str | None] = []  # the Authorization header of each request for the event stream
+    refused: list[int] = []
+    p.on("request", lambda r: streams.append(r.headers.get("authorization")) if "/api/v1/events" in r.url else None)
+    p.on("response", lambda r: refused.append(r.status) if "/api/v1/events" in r.url and r.status >= 400 else None)
+
+    # no token: the stream is refused once with 401, the page says so and does not retry
+    p.goto("/")
+    p.wait_for_selector('#banner[data-status-code="401"]')
+    conn = p.locator(".head-aside .conn")
+    expect(conn).to_have_attribute("data-state", "closed")
+    expect(conn).to_have_text("disconnected")
+    p.wait_for_timeout(3500)  # a retry (after 1 s, then 2 s) would have happened by now
+    assert streams == [None] and refused == [401], (streams, refused)
+    assert "401 Unauthorized" in p.inner_text("#banner")
+
+    # the token in the token box: the experiment page's stream carries it and goes live
+    login(p)
+    p.goto(f"/#/experiments/{exp_id}")
+    p.wait_for_selector('main[data-loaded="true"][data-page="experiment"]')
+    p.wait_for_selector('#conn[data-state="live"]')
+    assert streams[1:] and all(h == f"Bearer {TOKEN}" for h in streams[1:]), streams
+    # an event published after the page loaded reaches it
+    publish_until(live, p, {"type": "progress", "experiment_id": exp_id, "round": 1, "stage": "score", "done": 9, "total": 16, "unit": "groups"},
+                  '#live-progress-text:has-text("9 / 16 groups")')
+    assert p.get_attribute("#live-progress", "value") == "9"
+
+    # the server ends the stream: the page reconnects, with the token again, and keeps updating
+    opened = len(streams)
+    live.app.state.shutdown.set()
+    deadline = time.monotonic() + 10
+    while len(streams) <= opened and time.monotonic() < deadline:
+        p.wait_for_timeout(100)
+    live.app.state.shutdown.clear()
+    assert len(streams) > opened, "the page did not reconnect after the stream ended"
+    publish_until(live, p, {"type": "progress", "experiment_id": exp_id, "round": 1, "stage": "score", "done": 12, "total": 16, "unit": "groups"},
+                  '#live-progress-text:has-text("12 / 16 groups")')
+    expect(p.locator("#conn")).to_have_attribute("data-state", "live")
+    assert all(h == f"Bearer {TOKEN}" for h in streams[1:]), streams
+    assert refused == [401], refused

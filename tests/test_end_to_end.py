@@ -7,7 +7,6 @@ checkpoint round 0's training wrote.
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
@@ -17,21 +16,11 @@ from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.modeling import load_model
 from gradalign_common.records import ScoreRecord, read_rollouts
 from gradalign_common.selection import select_top
-from scheduler_fixtures import experiment_body
+from scheduler_fixtures import experiment_body, wait_for_experiment
 from services.scoring.engine import ScoringEngine
 from services.stack import LocalStack, StackConfig, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(client: httpx.Client, exp_id: int, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        exp = client.get(f"/api/v1/experiments/{exp_id}").json()
-        if exp["status"] in ("completed", "failed", "cancelled"):
-            return exp
-        time.sleep(0.5)
-    raise AssertionError(f"experiment {exp_id} did not finish in {timeout}s: {exp}")
 
 
 def test_two_rounds_through_separate_processes(tmp_path, tiny_model_dir):
@@ -48,7 +37,7 @@ def test_two_rounds_through_separate_processes(tmp_path, tiny_model_dir):
         assert client.get("/readyz").json()["ready"] is True
         resp = client.post("/api/v1/experiments", json=body)
         assert resp.status_code == 201, resp.text
-        exp = _wait(client, resp.json()["id"])
+        exp = wait_for_experiment(client, resp.json()["id"])
         assert exp["status"] == "completed", exp
         rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
         candidates = [

@@ -21,7 +21,8 @@ The warm-started model is cached per (model spec, warm start, seed) in the model
 (default <results>/models, shareable between regimes), so every mode starts from the same
 weights. Each finished (mode, seed) run is written to <results>/runs/<mode>-seed<seed>.json;
 a rerun skips those whose config matches and redoes the rest, so a killed benchmark resumes.
-At the end it writes summary.md, summary.csv, accuracy.png and selected_fraction.png.
+At the end it writes summary.md, summary.csv, paired.csv (each mode against rand, seed by seed),
+accuracy.png and selected_fraction.png.
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def check_config(config: dict) -> None:
     for t in data["test_weights"]:
         if t not in data["test"]:
             raise InvalidInputError(f"config: data.test_weights names {t!r}, which has no test problems")
+    if data["test_weights"] and not sum(data["test_weights"].values()):
+        raise InvalidInputError("config: data.test_weights must give some type a weight > 0")
     for source in data["noise"]["rewards"]:
         get_reward_fn(source)
     for t in data["noise"]["types"] + data["track"]["types"]:
@@ -622,6 +625,38 @@ def summary_rows(runs: Mapping[tuple[str, int], dict], modes: Sequence[str], see
     return rows
 
 
+def paired_against(
+    runs: Mapping[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int], baseline: str = "rand"
+) -> list[dict]:
+    """Each mode against `baseline` on the same seeds (same start model, same test set): per-seed
+    differences of final test accuracy and of the mean over rounds 1..R, their mean and sample
+    standard deviation, and on how many seeds the mode ended ahead. Pure; empty without a baseline."""
+    out = []
+    for mode in modes:
+        if mode == baseline:
+            continue
+        common = [s for s in seeds if (mode, s) in runs and (baseline, s) in runs]
+        if not common:
+            continue
+        final = [runs[(mode, s)]["accuracy"][-1] - runs[(baseline, s)]["accuracy"][-1] for s in common]
+        over_rounds = [
+            _mean(runs[(mode, s)]["accuracy"][1:]) - _mean(runs[(baseline, s)]["accuracy"][1:]) for s in common
+        ]
+        out.append({
+            "mode": mode,
+            "baseline": baseline,
+            "seeds": common,
+            "final_diff": final,
+            "final_diff_mean": _mean(final),
+            "final_diff_std": _std(final),
+            "ahead": sum(d > 0 for d in final),
+            "rounds_diff_mean": _mean(over_rounds),
+            "rounds_diff_std": _std(over_rounds),
+            "rounds_ahead": sum(d > 0 for d in over_rounds),
+        })
+    return out
+
+
 def write_summary(config: dict, results: Path, runs: Mapping[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int]) -> None:
     rows = summary_rows(runs, modes, seeds)
     if not rows:
@@ -642,7 +677,20 @@ def write_summary(config: dict, results: Path, runs: Mapping[tuple[str, int], di
         values[f"{label}_in_chunk_mean"] = row["chunk_fraction_mean"]
         writer.writerow([_fmt_csv(values.get(c, "")) for c in columns])
     atomic_write_bytes(results / "summary.csv", buf.getvalue().encode())
-    atomic_write_bytes(results / "summary.md", summary_markdown(config, rows, seeds, label).encode())
+    paired = paired_against(runs, modes, seeds)
+    if paired:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["mode", "baseline", "n_seeds", "final_diff_mean", "final_diff_std", "ahead",
+                         "rounds_diff_mean", "rounds_diff_std", "rounds_ahead",
+                         *[f"final_diff_seed{s}" for s in seeds]])
+        for c in paired:
+            per_seed = dict(zip(c["seeds"], c["final_diff"]))
+            writer.writerow([c["mode"], c["baseline"], len(c["seeds"]), *map(_fmt_csv, (c["final_diff_mean"], c["final_diff_std"])),
+                             c["ahead"], *map(_fmt_csv, (c["rounds_diff_mean"], c["rounds_diff_std"])), c["rounds_ahead"],
+                             *[_fmt_csv(per_seed[s]) if s in per_seed else "" for s in seeds]])
+        atomic_write_bytes(results / "paired.csv", buf.getvalue().encode())
+    atomic_write_bytes(results / "summary.md", summary_markdown(config, rows, seeds, label, paired).encode())
     plot_results(config, results, runs, modes, seeds, label)
 
 
@@ -654,7 +702,7 @@ def _pct(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
-def summary_markdown(config: dict, rows: list[dict], seeds: Sequence[int], label: str) -> str:
+def summary_markdown(config: dict, rows: list[dict], seeds: Sequence[int], label: str, paired: Sequence[dict] = ()) -> str:
     loop, train = config["loop"], config["train"]
     lines = [
         f"# Selection quality: {config['name']}",
@@ -687,6 +735,19 @@ def summary_markdown(config: dict, rows: list[dict], seeds: Sequence[int], label
                   "| mode | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
         for row in rows:
             lines.append(f"| {row['mode']} | " + " | ".join(_pct(row[c]) for c in type_cols) + " |")
+    if paired:
+        lines += ["", f"Paired against {paired[0]['baseline']} (same seed: same start model and test set), in points: "
+                  "the difference of final test accuracy per seed, its mean ± standard deviation, the seeds where the "
+                  "mode ended ahead, and the difference of test accuracy averaged over rounds 1..R.", "",
+                  "| mode | final − rand per seed | mean ± std | ahead | over rounds: mean ± std | ahead |",
+                  "|---|---|---|---|---|---|"]
+        for c in paired:
+            n = len(c["seeds"])
+            lines.append(
+                f"| {c['mode']} | " + ", ".join(f"{100 * d:+.1f}" for d in c["final_diff"])
+                + f" | {100 * c['final_diff_mean']:+.1f} ± {100 * c['final_diff_std']:.1f} | {c['ahead']}/{n} | "
+                f"{100 * c['rounds_diff_mean']:+.1f} ± {100 * c['rounds_diff_std']:.1f} | {c['rounds_ahead']}/{n} |"
+            )
     fallbacks = [f"{r['mode']} {r['fallback_rounds']}" for r in rows if r["fallback_rounds"]]
     if fallbacks:
         lines += ["", "Rounds where the mode could not score (e.g. a zero validation gradient) and selected at random "

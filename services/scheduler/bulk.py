@@ -1,4 +1,5 @@
-"""Bulk writes that grow with candidates: COPY on PostgreSQL, executemany elsewhere.
+"""Bulk writes that grow with candidates: COPY on PostgreSQL (inserts directly; updates through a
+temporary table and one UPDATE ... FROM), executemany elsewhere.
 
 Both run inside the caller's session transaction, so a failed ingest leaves nothing behind.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, text, update
 from sqlalchemy.orm import Session
 
 from services.scheduler.db import Candidate, PoolProblem
@@ -61,6 +62,29 @@ def insert_candidates(session: Session, rows: Sequence[dict]) -> None:
 
 
 def update_candidates(session: Session, rows: Sequence[dict]) -> None:
-    """Bulk UPDATE by primary key: each dict has "id" and the columns to set."""
+    """Bulk UPDATE by primary key: each dict has "id" and the columns to set (the same columns in
+    every row). PostgreSQL: COPY into a temporary table, then one UPDATE ... FROM; elsewhere
+    executemany."""
+    if not rows:
+        return
+    columns = [c for c in rows[0] if c != "id"]
+    if any(set(r) != set(rows[0]) for r in rows):
+        raise ValueError("update_candidates: every row must set the same columns")
+    unknown = [c for c in columns if c not in Candidate.__table__.c]
+    if unknown or "id" not in rows[0]:
+        raise ValueError(f"update_candidates: rows need 'id' and candidate columns; unknown: {unknown}")
+    if _is_postgresql(session) and columns:
+        staging = "gradalign_candidate_updates"
+        quoted = [f'"{c}"' for c in columns]
+        table = Candidate.__tablename__
+        session.execute(text(f"DROP TABLE IF EXISTS {staging}"))
+        session.execute(text(
+            f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS SELECT id, {', '.join(quoted)} FROM {table} WITH NO DATA"
+        ))
+        copy_rows(session, staging, ("id", *columns), (tuple(r[c] for c in ("id", *columns)) for r in rows))
+        assignments = ", ".join(f"{q} = u.{q}" for q in quoted)
+        session.execute(text(f"UPDATE {table} AS c SET {assignments} FROM {staging} AS u WHERE c.id = u.id"))
+        session.execute(text(f"DROP TABLE {staging}"))
+        return
     for start in range(0, len(rows), BATCH):
         session.execute(update(Candidate), list(rows[start : start + BATCH]))

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradalign_common.errors import InvalidInputError, NotFoundError
-from gradalign_common.records import Problem, RolloutRecord, _rollout_from_dict, read_rollouts
+from gradalign_common.records import Problem, RolloutRecord, rollout_from_dict, read_rollouts
 from services.trainer.grpo import GRPOConfig, batch_for_step
 
 _REQUIRED = ("problem_id", "prompt_ids", "response_ids", "reward")
@@ -60,4 +60,4 @@ def _read_filtered(path: Path, wanted: set[str]) -> list[RolloutRecord]:
         table = pq.read_table(path, filters=[("problem_id", "in", sorted(wanted))])
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInputError(f"{path}: not a readable parquet file ({exc})") from None
-    return [_rollout_from_dict(row, f"{path} row {i}") for i, row in enumerate(table.to_pylist())]
+    return [rollout_from_dict(row, f"{path} row {i}") for i, row in enumerate(table.to_pylist())]

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One-shot GPU check for issue 3: `gradalign bench scoring` at a larger size on a lent GPU.
+#
+# On the device machine (run from the repository root, with the wheels of .whl carried):
+#     bash scripts/gpu_check.sh
+# Locally, a tiny CPU smoke test of this script (same code path, tiny model):
+#     GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=float32 GPU_CHECK_PRESET= GPU_CHECK_GROUPS=2 GPU_CHECK_RESPONSES=4 \
+#     GPU_CHECK_TOKENS=16 GPU_CHECK_MAX_BATCH_TOKENS=2048 GPU_CHECK_VALIDATION_GROUPS=2 OUT=/tmp/gpu-check \
+#     bash scripts/gpu_check.sh
+#
+# The benchmark is run through services.bench.scoring.scoring_command, the function that
+# `gradalign bench scoring` registers, wrapped by typer.run: services.cli itself imports the
+# whole platform (pydantic, sqlalchemy, grpc health, ...), most of which the device's image lacks.
+# Only structlog is missing there for this path; it travels as a wheel in .whl (git-ignored).
+#
+# Writes $OUT/$NAME.json, $OUT/$NAME.log and $OUT/nvidia_smi.csv (GPU samples every 5 s).
+
+set -u
+set -o pipefail
+
+OUT="${OUT:-/tmp/gpu-check-out}"
+NAME="${GPU_CHECK_NAME:-scoring_gpu}"     # output file stem
+mkdir -p "$OUT"
+PY="${GPU_CHECK_PYTHON:-python3}"
+
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+DTYPE="${GPU_CHECK_DTYPE:-bfloat16}"
+PRESET="${GPU_CHECK_PRESET-qwen2.5-0.5b}"     # empty: the command's default (tiny) model flags
+GROUPS_="${GPU_CHECK_GROUPS:-16}"
+RESPONSES="${GPU_CHECK_RESPONSES:-128}"
+TOKENS="${GPU_CHECK_TOKENS:-512}"
+VALIDATION_GROUPS="${GPU_CHECK_VALIDATION_GROUPS:-16}"
+# rows x width of one forward. 65536 (the docstring's example) would not fit: Qwen2.5-0.5B's
+# activations alone are ~2 MB per token in bf16 (24 layers), plus float32 logits over a
+# 151936-token vocabulary; 24576 keeps a batch's peak well under the H200's memory.
+MAX_BATCH_TOKENS="${GPU_CHECK_MAX_BATCH_TOKENS:-24576}"
+METHODS="${GPU_CHECK_METHODS-project,top-layers}"   # empty: no approximate methods
+MEMORY_MULTIPLIER="${GPU_CHECK_MEMORY_MULTIPLIER:-2}"
+REPEATS="${GPU_CHECK_REPEATS:-1}"
+BENCH_TIMEOUT="${GPU_CHECK_TIMEOUT:-430}"      # seconds; the benchmark is killed after this
+
+echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+
+# (a) carried wheels -> /tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: wheel install failed"; exit 3; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "installed into /tmp/site: $(ls .whl)"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# fewer fragmentation failures for batches of very different shapes (peak-allocation stats are unaffected)
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
+# (b) the machine and the versions
+SMI_PID=""
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,clocks.sm,power.draw --format=csv -l 5 \
+    >"$OUT/nvidia_smi.csv" 2>&1 &
+  SMI_PID=$!
+fi
+"$PY" - <<'EOF' || { echo "gpu_check: environment check failed"; exit 4; }
+import platform, sys
+import numpy, torch, transformers, typer, structlog
+print("python", sys.version.split()[0], platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm {p.major}.{p.minor}", p.multi_processor_count, "SMs")
+print("transformers", transformers.__version__, "numpy", numpy.__version__, "typer", typer.__version__,
+      "structlog", structlog.__version__)
+EOF
+
+# (c) the benchmark
+args=(--groups "$GROUPS_" --responses "$RESPONSES" --tokens "$TOKENS" --validation-groups "$VALIDATION_GROUPS"
+      --device "$DEVICE" --dtype "$DTYPE" --max-batch-tokens "$MAX_BATCH_TOKENS" --methods "$METHODS"
+      --memory-multiplier "$MEMORY_MULTIPLIER" --repeats "$REPEATS" --out "$OUT/$NAME.json")
+if [ -n "$PRESET" ]; then args=(--preset "$PRESET" "${args[@]}"); fi
+echo "== gradalign bench scoring ${args[*]}"
+started=$(date +%s)
+timeout -k 10 "$BENCH_TIMEOUT" "$PY" -c \
+  'import typer; from services.bench.scoring import scoring_command; typer.run(scoring_command)' "${args[@]}" \
+  2>&1 | tee "$OUT/$NAME.log"
+rc=$?
+echo "== benchmark exit status $rc after $(( $(date +%s) - started )) s (124: timed out after ${BENCH_TIMEOUT} s)" \
+  | tee -a "$OUT/$NAME.log"
+
+if [ -n "$SMI_PID" ]; then
+  kill "$SMI_PID" 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 | tee -a "$OUT/$NAME.log"
+fi
+exit "$rc"
