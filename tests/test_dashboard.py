@@ -608,8 +608,11 @@ def test_live_events_send_the_token_when_reads_need_one(guarded_scheduler, guard
     assert streams == [None] and refused == [401], (streams, refused)
     assert "401 Unauthorized" in p.inner_text("#banner")
 
-    # the token in the token box: the experiment page's stream carries it and goes live
+    # the token in the token box: the refused stream reconnects at once, with it, without a reload
     login(p)
+    expect(conn).to_have_attribute("data-state", "live")
+    assert streams[1:] == [f"Bearer {TOKEN}"] and refused == [401], (streams, refused)
+    # and the experiment page's stream carries it too and goes live
     p.goto(f"/#/experiments/{exp_id}")
     p.wait_for_selector('main[data-loaded="true"][data-page="experiment"]')
     p.wait_for_selector('#conn[data-state="live"]')

@@ -133,6 +133,8 @@ function getToken() {
   }
 }
 
+const TOKEN_CHANGED = "gradalign:token-changed";
+
 function setToken(token) {
   try {
     if (token) localStorage.setItem(TOKEN_KEY, token);
@@ -140,6 +142,21 @@ function setToken(token) {
   } catch {
     /* storage disabled: the token lives only until reload */
   }
+  window.dispatchEvent(new Event(TOKEN_CHANGED));
+}
+
+// Resolves when the saved token changes (the token box) or the signal aborts.
+function tokenChanged(signal) {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const done = () => {
+      window.removeEventListener(TOKEN_CHANGED, done);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    window.addEventListener(TOKEN_CHANGED, done);
+    signal.addEventListener("abort", done);
+  });
 }
 
 class ApiError extends Error {
@@ -617,7 +634,8 @@ class Page {
   // fetch() rather than EventSource, which cannot send the Authorization header that reads
   // need when the scheduler's read_requires_token is on. onState("live", reconnected) when a
   // stream opens (reconnected: after one was lost), "reconnecting" while retrying (1 s, doubling
-  // up to 15 s), "closed" when it gives up: 401/403 (also shown in the banner) or another 4xx.
+  // up to 15 s), "closed" when it gives up: another 4xx, or 401/403 (also shown in the banner;
+  // it reconnects when a token is entered in the token box).
   events(query, onEvent, onState) {
     const path = `/api/v1/events${query ? `?${query}` : ""}`;
     const controller = new AbortController();
@@ -648,7 +666,10 @@ class Page {
         if (outcome.status === 401 || outcome.status === 403) {
           handled(() => onState("closed", false));
           showAuthError(new ApiError(outcome.status, outcome.detail, describeError(outcome.status, outcome.detail, "GET", path)));
-          return;
+          // no retries with a refused token; a new one from the token box reconnects at once
+          await tokenChanged(controller.signal);
+          delay = SSE_RETRY_MIN_MS;
+          continue;
         }
         if (outcome.status >= 400 && outcome.status < 500 && outcome.status !== 408 && outcome.status !== 429) {
           handled(() => onState("closed", false));
