@@ -13,7 +13,7 @@ import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,15 +96,18 @@ def write_rollouts(path: str | Path, rollouts: Sequence[RolloutRecord]) -> Path:
     return _write_parquet(path, table)
 
 
-def read_rollouts(path: str | Path) -> list[RolloutRecord]:
-    """Read rollout records from .jsonl (spec format) or .parquet; raise InvalidInputError naming the defect."""
+def read_rollouts(path: str | Path, problem_ids: Collection[str] | None = None) -> list[RolloutRecord]:
+    """Read rollout records from .jsonl (spec format) or .parquet; raise InvalidInputError naming the defect.
+    With problem_ids, only those problems' records (a parquet file is filtered as it is read)."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"rollout file not found: {path}")
+    wanted = None if problem_ids is None else set(problem_ids)
     if path.suffix == ".parquet":
-        table = _read_parquet(path, required=["problem_id", "prompt_ids", "response_ids", "reward"])
+        filters = None if wanted is None else [("problem_id", "in", sorted(wanted))]
+        table = _read_parquet(path, required=["problem_id", "prompt_ids", "response_ids", "reward"], filters=filters)
         rows = table.to_pylist()
-        return [rollout_from_dict(row, f"{path} row {i}") for i, row in enumerate(rows)]
+        return [_rollout_from_dict(row, f"{path} row {i}") for i, row in enumerate(rows)]
     records = []
     with path.open() as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -117,10 +120,10 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
                 raise InvalidInputError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise InvalidInputError(f"{where}: expected a JSON object")
-            records.append(rollout_from_dict(obj, where))
+            records.append(_rollout_from_dict(obj, where))
     if not records:
         raise InvalidInputError(f"{path}: no rollout records")
-    return records
+    return records if wanted is None else [r for r in records if r.problem_id in wanted]
 
 
 def write_rollouts_jsonl(path: str | Path, rollouts: Iterable[RolloutRecord]) -> Path:
@@ -157,8 +160,7 @@ def read_scores_jsonl(path: str | Path) -> list[ScoreRecord]:
         return [ScoreRecord(**json.loads(line)) for line in fh if line.strip()]
 
 
-def rollout_from_dict(obj: dict, where: str) -> RolloutRecord:
-    """One rollout record from a parsed row (JSONL object or parquet row); `where` names it in errors."""
+def _rollout_from_dict(obj: dict, where: str) -> RolloutRecord:
     pid = obj.get("problem_id")
     if pid is None or (isinstance(pid, str) and not pid):
         raise InvalidInputError(f"{where}: missing problem_id")
@@ -192,15 +194,19 @@ def _write_parquet(path: str | Path, table: pa.Table) -> Path:
     return Path(path)
 
 
-def _read_parquet(path: str | Path, required: Sequence[str]) -> pa.Table:
+def _read_parquet(path: str | Path, required: Sequence[str], filters: list | None = None) -> pa.Table:
+    """The table at path, checked for the required columns first; `filters` (pyarrow's) select rows as
+    they are read, and an "in" filter with no values selects none."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"file not found: {path}")
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
+        missing = [c for c in required if c not in schema.names]
+        if missing:
+            raise InvalidInputError(f"{path}: missing column(s) {', '.join(missing)}")
+        if filters and any(op == "in" and not values for _, op, values in filters):
+            return schema.empty_table()
+        return pq.read_table(path, filters=filters)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInputError(f"{path}: not a readable parquet file ({exc})") from None
-    missing = [c for c in required if c not in table.column_names]
-    if missing:
-        raise InvalidInputError(f"{path}: missing column(s) {', '.join(missing)}")
-    return table
