@@ -145,17 +145,27 @@ function setToken(token) {
   window.dispatchEvent(new Event(TOKEN_CHANGED));
 }
 
-// Resolves when the saved token changes (the token box) or the signal aborts.
-function tokenChanged(signal) {
+// Resolves when `arm(done)` calls done, or when the signal aborts, whichever comes first; arm
+// returns the function that disarms it, called either way.
+function untilAbortOr(signal, arm) {
   return new Promise((resolve) => {
     if (signal.aborted) return resolve();
+    let disarm = () => {};
     const done = () => {
-      window.removeEventListener(TOKEN_CHANGED, done);
+      disarm();
       signal.removeEventListener("abort", done);
       resolve();
     };
-    window.addEventListener(TOKEN_CHANGED, done);
+    disarm = arm(done);
     signal.addEventListener("abort", done);
+  });
+}
+
+// Resolves when the saved token changes (the token box) or the signal aborts.
+function tokenChanged(signal) {
+  return untilAbortOr(signal, (done) => {
+    window.addEventListener(TOKEN_CHANGED, done);
+    return () => window.removeEventListener(TOKEN_CHANGED, done);
   });
 }
 
@@ -511,15 +521,9 @@ function handled(fn) {
 }
 
 function sleep(ms, signal) {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const done = () => {
-      clearTimeout(id);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
+  return untilAbortOr(signal, (done) => {
     const id = setTimeout(done, ms);
-    signal.addEventListener("abort", done);
+    return () => clearTimeout(id);
   });
 }
 
