@@ -667,31 +667,35 @@ def write_summary(config: dict, results: Path, runs: Mapping[tuple[str, int], di
     columns = ["mode", "n_seeds", "initial_mean", "final_mean", "final_std", *seed_cols, "val_final_mean",
                f"{label}_selected_mean", f"{label}_selected_std", f"{label}_in_chunk_mean", *type_cols, "wall_seconds_mean",
                "fallback_rounds"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
+    summary = []
     for row in rows:
         values = dict(row)
         values[f"{label}_selected_mean"] = row["selected_fraction_mean"]
         values[f"{label}_selected_std"] = row["selected_fraction_std"]
         values[f"{label}_in_chunk_mean"] = row["chunk_fraction_mean"]
-        writer.writerow([_fmt_csv(values.get(c, "")) for c in columns])
-    atomic_write_bytes(results / "summary.csv", buf.getvalue().encode())
+        summary.append(values)
+    _write_csv(results / "summary.csv", columns, summary)
     paired = paired_against(runs, modes, seeds)
     if paired:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["mode", "baseline", "n_seeds", "final_diff_mean", "final_diff_std", "ahead",
-                         "rounds_diff_mean", "rounds_diff_std", "rounds_ahead",
-                         *[f"final_diff_seed{s}" for s in seeds]])
-        for c in paired:
-            per_seed = dict(zip(c["seeds"], c["final_diff"]))
-            writer.writerow([c["mode"], c["baseline"], len(c["seeds"]), *map(_fmt_csv, (c["final_diff_mean"], c["final_diff_std"])),
-                             c["ahead"], *map(_fmt_csv, (c["rounds_diff_mean"], c["rounds_diff_std"])), c["rounds_ahead"],
-                             *[_fmt_csv(per_seed[s]) if s in per_seed else "" for s in seeds]])
-        atomic_write_bytes(results / "paired.csv", buf.getvalue().encode())
+        _write_csv(
+            results / "paired.csv",
+            ["mode", "baseline", "n_seeds", "final_diff_mean", "final_diff_std", "ahead", "rounds_diff_mean",
+             "rounds_diff_std", "rounds_ahead", *[f"final_diff_seed{s}" for s in seeds]],
+            [{**c, "n_seeds": len(c["seeds"]), **{f"final_diff_seed{s}": d for s, d in zip(c["seeds"], c["final_diff"])}}
+             for c in paired],
+        )
     atomic_write_bytes(results / "summary.md", summary_markdown(config, rows, seeds, label, paired).encode())
     plot_results(config, results, runs, modes, seeds, label)
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """A CSV of `columns` (floats to 4 decimals, a missing value empty), written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_fmt_csv(row.get(c, "")) for c in columns])
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _fmt_csv(v: Any) -> Any:
