@@ -80,6 +80,24 @@ def random_rollouts(seed: int, n_problems: int, prefix: str = "p") -> list[Rollo
 # An independent computation of the spec, one response at a time without padding.
 
 
+# The shared scoring setup of the engine, methods and preconditioning tests (import the fixtures by name).
+
+
+@pytest.fixture(scope="module")
+def model() -> transformers.Qwen2ForCausalLM:
+    return tiny_qwen2(seed=0)
+
+
+@pytest.fixture(scope="module")
+def candidates() -> list[RolloutRecord]:
+    return random_rollouts(seed=1, n_problems=8, prefix="c")
+
+
+@pytest.fixture(scope="module")
+def validation() -> list[RolloutRecord]:
+    return random_rollouts(seed=2, n_problems=5, prefix="v")
+
+
 def reference_advantages(rewards: list[float]) -> list[float]:
     n = len(rewards)
     if n == 1:

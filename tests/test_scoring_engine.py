@@ -16,24 +16,10 @@ from gradalign_common.modeling import load_model as load_causal_lm, parse_dtype
 from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, score_without_gradients
 from scoring_fixtures import ReferenceScorer, expected_score, random_rollouts, tiny_qwen2, uniform_rollouts
+from scoring_fixtures import candidates, model, validation  # noqa: F401 (fixtures)
 
 GRADIENT_MODES = ["sim", "dot", "simacc", "negsim"]
 EXACT_METHODS = ["exact", "exact-loop"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2(seed=0)
-
-
-@pytest.fixture(scope="module")
-def candidates():
-    return random_rollouts(seed=1, n_problems=8, prefix="c")
-
-
-@pytest.fixture(scope="module")
-def validation():
-    return random_rollouts(seed=2, n_problems=5, prefix="v")
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,13 @@ from gradalign_common.errors import InvalidInputError
 from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, subsample_indices
 from services.scoring.methods import MethodSpec, parse_method
-from scoring_fixtures import ReferenceScorer, random_rollouts, reference_advantages, tiny_qwen2
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2(seed=0)
+from scoring_fixtures import ReferenceScorer, reference_advantages
+from scoring_fixtures import candidates, model, validation  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
 def engine64(model):
     return ScoringEngine(copy.deepcopy(model), dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def candidates():
-    return random_rollouts(seed=1, n_problems=8, prefix="c")
-
-
-@pytest.fixture(scope="module")
-def validation():
-    return random_rollouts(seed=2, n_problems=5, prefix="v")
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,8 @@ from scoring_fixtures import (
     expected_score,
     hand_inverse_denominators,
     random_adam_state,
-    random_rollouts,
-    tiny_qwen2,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2(seed=0)
-
-
-@pytest.fixture(scope="module")
-def candidates():
-    return random_rollouts(seed=1, n_problems=8, prefix="c")
-
-
-@pytest.fixture(scope="module")
-def validation():
-    return random_rollouts(seed=2, n_problems=5, prefix="v")
+from scoring_fixtures import candidates, model, validation  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

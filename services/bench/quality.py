@@ -756,7 +756,7 @@ def summary_markdown(config: dict, rows: list[dict], seeds: Sequence[int], label
     if fallbacks:
         lines += ["", "Rounds where the mode could not score (e.g. a zero validation gradient) and selected at random "
                   "instead: " + ", ".join(fallbacks) + "."]
-    lines += ["", f"Mean wall time per run: " + ", ".join(f"{r['mode']} {r['wall_seconds_mean']:.0f} s" for r in rows) + ".",
+    lines += ["", "Mean wall time per run: " + ", ".join(f"{r['mode']} {r['wall_seconds_mean']:.0f} s" for r in rows) + ".",
               "", "Plots: `accuracy.png` (test accuracy per round and its change from round 0; mean and min-max band "
               "over seeds), "
               f"`selected_fraction.png` (fraction of {label} problems selected per round).", ""]
