@@ -19,6 +19,14 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype name to load a model with on `device`: "auto" is bfloat16 on CUDA and float32
+    elsewhere (CPU); any other value is returned as given (an explicit choice wins)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).split(":", 1)[0] == "cuda" else "float32"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
@@ -86,11 +94,11 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32"):
-    """Load a causal LM for inference or training; eval mode, on `device`."""
+    """Load a causal LM for inference or training; eval mode, on `device` ("auto" dtype: resolve_dtype)."""
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = parse_dtype(resolve_dtype(dtype, device)) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

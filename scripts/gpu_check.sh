@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check for issue 3: `gradalign bench scoring` at a larger size on a lent GPU.
+# One-shot GPU check: `gradalign bench scoring` at a larger size (issue 3), the torch trainer's GRPO
+# step (scripts/check_trainer_step.py) and, where vLLM is installed, the vllm rollout backend
+# (scripts/check_vllm.py) on a lent GPU (issue 13). GPU_CHECK_PARTS picks them (default: all three).
 #
 # On the device machine (run from the repository root, with the wheels of .whl carried):
 #     bash scripts/gpu_check.sh
@@ -13,7 +15,8 @@
 # whole platform (pydantic, sqlalchemy, grpc health, ...), most of which the device's image lacks.
 # Only structlog is missing there for this path; it travels as a wheel in .whl (git-ignored).
 #
-# Writes $OUT/$NAME.json, $OUT/$NAME.log and $OUT/nvidia_smi.csv (GPU samples every 5 s).
+# Writes $OUT/$NAME.json, $OUT/$NAME.log, $OUT/trainer_step.{json,log}, $OUT/vllm.log and
+# $OUT/nvidia_smi.csv (GPU samples every 5 s).
 
 set -u
 set -o pipefail
@@ -38,6 +41,9 @@ METHODS="${GPU_CHECK_METHODS-project,top-layers}"   # empty: no approximate meth
 MEMORY_MULTIPLIER="${GPU_CHECK_MEMORY_MULTIPLIER:-2}"
 REPEATS="${GPU_CHECK_REPEATS:-1}"
 BENCH_TIMEOUT="${GPU_CHECK_TIMEOUT:-430}"      # seconds; the benchmark is killed after this
+PARTS="${GPU_CHECK_PARTS:-scoring,trainer,vllm}"
+TRAINER_TIMEOUT="${GPU_CHECK_TRAINER_TIMEOUT:-180}"
+VLLM_TIMEOUT="${GPU_CHECK_VLLM_TIMEOUT:-240}"
 
 echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
 
@@ -73,7 +79,9 @@ print("transformers", transformers.__version__, "numpy", numpy.__version__, "typ
       "structlog", structlog.__version__)
 EOF
 
-# (c) the benchmark
+# (c) the scoring benchmark
+rc=0
+if [[ ",$PARTS," == *",scoring,"* ]]; then
 args=(--groups "$GROUPS_" --responses "$RESPONSES" --tokens "$TOKENS" --validation-groups "$VALIDATION_GROUPS"
       --device "$DEVICE" --dtype "$DTYPE" --max-batch-tokens "$MAX_BATCH_TOKENS" --methods "$METHODS"
       --memory-multiplier "$MEMORY_MULTIPLIER" --repeats "$REPEATS" --out "$OUT/$NAME.json")
@@ -86,6 +94,28 @@ timeout -k 10 "$BENCH_TIMEOUT" "$PY" -c \
 rc=$?
 echo "== benchmark exit status $rc after $(( $(date +%s) - started )) s (124: timed out after ${BENCH_TIMEOUT} s)" \
   | tee -a "$OUT/$NAME.log"
+fi
+
+# (d) the torch trainer's GRPO step: the same step on CPU and GPU, then one step at the preset's size
+if [[ ",$PARTS," == *",trainer,"* ]]; then
+  echo "== scripts/check_trainer_step.py --device $DEVICE --preset ${PRESET:-tiny} --dtype $DTYPE"
+  timeout -k 10 "$TRAINER_TIMEOUT" "$PY" scripts/check_trainer_step.py --device "$DEVICE" --preset "${PRESET:-tiny}" \
+    --dtype "$DTYPE" --out "$OUT/trainer_step.json" 2>&1 | tee "$OUT/trainer_step.log"
+  part=$?; echo "== trainer step check exit status $part"; [ "$part" -eq 0 ] || rc=$part
+fi
+
+# (e) the vllm rollout backend, where vLLM is installed (the gpu extra)
+if [[ ",$PARTS," == *",vllm,"* ]]; then
+  if "$PY" -c "import vllm" >/dev/null 2>&1; then
+    vargs=(--dtype "$DTYPE")
+    if [ "$DEVICE" = "cpu" ]; then vargs+=(--enforce-eager); fi
+    echo "== scripts/check_vllm.py ${vargs[*]}"
+    timeout -k 10 "$VLLM_TIMEOUT" "$PY" scripts/check_vllm.py "${vargs[@]}" 2>&1 | tee "$OUT/vllm.log"
+    part=$?; echo "== vllm check exit status $part"; [ "$part" -eq 0 ] || rc=$part
+  else
+    echo "== vllm check skipped: vllm is not importable here (install the gpu extra)" | tee "$OUT/vllm.log"
+  fi
+fi
 
 if [ -n "$SMI_PID" ]; then
   kill "$SMI_PID" 2>/dev/null

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from gradalign_common.settings import DEFAULT_HOME
+from services.bench.orchestrator import orchestrator_command
 from services.bench.scheduler import scheduler_command
 from services.scheduler.admin_cli import db_app, token_app
 from services.bench.rollout import rollout_command
@@ -30,6 +31,7 @@ app.add_typer(data_app, name="data")
 # bench commands are registered here, one line each:
 bench_app.command("rollout")(rollout_command)
 bench_app.command("scheduler")(scheduler_command)
+bench_app.command("orchestrator")(orchestrator_command)
 bench_app.command("scoring")(scoring_command)
 bench_app.command("quality")(quality_command)
 app.command("score", help="Score candidate problems against a validation set (shared/spec/gradalign-score.md).")(score_command)
@@ -107,7 +109,7 @@ def demo(home: Path = typer.Option(Path(".gradalign"), help="state folder for th
 @model_app.command("build-tiny")
 def build_tiny(
     out: Path = typer.Option(..., help="output Hugging Face model directory"),
-    warmup_steps: int = typer.Option(300, min=0),
+    warmup_steps: int = typer.Option(450, min=0, help="warm-up steps (the default model: 450)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Build the tiny Qwen2 model with a character tokenizer, warm-started on arithmetic."""

@@ -1,8 +1,10 @@
 """Running the four services as local processes on loopback ports (`gradalign up`, the demo, tests).
 
 Each service is its own process (`python -m services.<name>.server` or the scheduler's
-app), configured through its settings' environment variables. `LocalStack.start` waits
-until every service is healthy; `LocalStack.watch` returns the name of the first that dies.
+app), configured through its settings' environment variables, with this process's
+interpreter unless `StackConfig.python` names another for it (e.g. the rollout service from
+`.venv-vllm`, where vLLM's CPU build lives). `LocalStack.start` waits until every service is
+healthy; `LocalStack.dead` returns the name of the first that died.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class StackConfig:
     torch_threads: int = 0
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # made valid at the scheduler's start
     extra_env: dict[str, str] = field(default_factory=dict)
+    python: dict[str, str] = field(default_factory=dict)  # service -> interpreter; default sys.executable
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -78,9 +81,9 @@ class StackConfig:
         return env
 
 
-def service_command(name: str) -> list[str]:
+def service_command(name: str, python: str | None = None) -> list[str]:
     module = "services.scheduler.app" if name == "scheduler" else f"services.{name}.server"
-    return [sys.executable, "-m", module]
+    return [python or sys.executable, "-m", module]
 
 
 class LocalStack:
@@ -107,7 +110,8 @@ class LocalStack:
     def start_one(self, name: str) -> subprocess.Popen:
         log = open(self.log_path(name), "ab")
         proc = subprocess.Popen(
-            service_command(name), env=self.config.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            service_command(name, self.config.python.get(name)), env=self.config.env(name), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
         self.procs[name] = proc

@@ -18,9 +18,9 @@ ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """The warm-started tiny arithmetic model as a HF directory (built once per test session)."""
+    """The warm-started tiny arithmetic model (the demo's) as a HF directory (built once per test session)."""
     out = tmp_path_factory.mktemp("models") / "tiny-arith"
-    return build_and_save(out, TinyModelSpec(warmup_steps=300))
+    return build_and_save(out, TinyModelSpec())
 
 
 def _database_urls() -> list:

@@ -1,5 +1,6 @@
 """`gradalign bench rollout` at a tiny size: it runs both modes on the same prompts and prints
-one row each plus the speedup (timings are never asserted)."""
+one row each, the load/swap times and the speedup (timings are never asserted). The vllm
+backend's run (`--backend vllm`, from .venv-vllm) is in tests/test_vllm_rollout.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typer.testing import CliRunner
 
 from services.cli import app
 
-ROW = re.compile(r"^(one generate per response|batched hf backend)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$")
+ROW = re.compile(r"^(one generate per response|batched hf backend)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$")
+MODEL_ROW = re.compile(r"^batched hf backend\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)x$", re.M)
 
 
 def _rows(output: str) -> dict[str, tuple[int, int]]:
@@ -32,6 +34,7 @@ def test_bench_rollout_builds_the_tiny_model_and_prints_rows():
     for responses, tokens in rows.values():
         assert responses == 6 and 6 <= tokens <= 18  # 1..3 tokens per response
     assert re.search(r"^speedup: [\d.]+x generated tokens/s \(target >= 5x\)$", result.output, re.M)
+    assert MODEL_ROW.search(result.output)  # the hf backend's load and in-place swap times
 
 
 def test_bench_rollout_on_a_given_model(tiny_model_dir):
@@ -41,3 +44,11 @@ def test_bench_rollout_on_a_given_model(tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert str(tiny_model_dir) in result.output
     assert {k: v[0] for k, v in _rows(result.output).items()} == {"one generate per response": 8, "batched hf backend": 8}
+
+
+def test_bench_rollout_rejects_unknown_backends_and_names_the_vllm_environment(monkeypatch):
+    result = CliRunner().invoke(app, ["bench", "rollout", "--backend", "hf,nope"])
+    assert result.exit_code == 2 and "nope" in result.output
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # `import vllm` fails, as in the main environment
+    result = CliRunner().invoke(app, ["bench", "rollout", "--backend", "vllm"])
+    assert result.exit_code == 2 and "make vllm-env" in result.output

@@ -484,14 +484,24 @@ def test_dockerfile_policies(dockerfile):
         assert "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
         assert torch < text.index("pip install --no-cache-dir --no-deps /src"), "torch before the project"
     else:
-        assert "['optional-dependencies']['gpu']" in text
+        # the pinned stack as locked, checked where it is built and where it runs
+        assert "RUN pip install --no-cache-dir -r /src/requirements/gpu.lock" in text
+        assert "check_gpu_stack.py --lock /src/requirements/gpu.lock" in text
+        runtime = text[text.index("AS runtime"):]
+        assert "check_gpu_stack.py --lock /opt/gradalign/share/gpu.lock --compiler" in runtime
+        # Triton compiles its launcher at the first kernel: a C compiler and Python's headers at run time
+        apt = re.search(r"apt-get install[^\n]*", runtime).group(0)
+        assert {"gcc", "libc6-dev", "python3.12-dev"} <= set(apt.split()), apt
 
 
 def test_dockerignore_is_an_allow_list():
     lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "gradalign_common", "services", "protos", "docker/check_install.py", "docker/healthcheck.py"}
+    assert allowed == {
+        "pyproject.toml", "README.md", "gradalign_common", "services", "protos",
+        "docker/check_install.py", "docker/check_gpu_stack.py", "docker/healthcheck.py", "requirements/gpu.lock",
+    }
     # everything the Dockerfiles COPY from the context is allowed in
     for dockerfile in DOCKERFILES:
         for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile.read_text(), re.M):

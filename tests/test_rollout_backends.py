@@ -27,9 +27,12 @@ from gradalign_common.prompts import render_prompt
 from gradalign_common.tiny_task import write_splits
 from services.rollout.backends import create_backend
 from services.rollout.backends.base import Sample
+from gradalign_common.modeling import resolve_dtype
 from services.rollout.backends.vllm import (
+    cpu_environment,
     engine_kwargs,
     finish_reason,
+    prompt_seed,
     sampling_params_kwargs,
     samples_from_outputs,
     token_prompts,
@@ -45,25 +48,66 @@ def test_importing_the_vllm_backend_does_not_import_vllm():
     assert "vllm" not in sys.modules
 
 
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == "float32"
+    for explicit in ("float32", "bfloat16", "float16"):  # an explicit dtype wins on any device
+        assert resolve_dtype(explicit, "cuda") == resolve_dtype(explicit, "cpu") == explicit
+    assert RolloutSettings().dtype == "auto"
+
+
+def test_hf_backend_auto_dtype_is_float32_on_cpu(tiny_model_dir):
+    backend = create_backend(RolloutSettings())
+    backend.load(str(tiny_model_dir))
+    assert next(backend.model.parameters()).dtype == torch.float32
+    assert backend.cache.dtype == "float32"
+    backend = create_backend(RolloutSettings(dtype="bfloat16"))
+    backend.load(str(tiny_model_dir))
+    assert next(backend.model.parameters()).dtype == torch.bfloat16
+
+
 def test_engine_kwargs():
     settings = RolloutSettings(backend="vllm", tensor_parallel_size=4, max_model_len=4096, gpu_memory_utilization=0.7, dtype="bfloat16")
     kw = engine_kwargs("/ckpt/round-1", settings)
     assert kw["model"] == kw["tokenizer"] == "/ckpt/round-1"
     assert (kw["tensor_parallel_size"], kw["max_model_len"], kw["gpu_memory_utilization"], kw["dtype"]) == (4, 4096, 0.7, "bfloat16")
     assert kw["seed"] == 0 and kw["trust_remote_code"] is False
+    assert engine_kwargs("/c", settings, "cpu")["dtype"] == "bfloat16"  # explicit wins
+    auto = RolloutSettings(backend="vllm")
+    assert engine_kwargs("/c", auto, "cuda")["dtype"] == "bfloat16" and engine_kwargs("/c", auto, "cpu")["dtype"] == "float32"
+
+
+def test_cpu_environment_defaults_do_not_override():
+    settings = RolloutSettings(backend="vllm", vllm_cpu_kvcache_space_gib=3)
+    assert cpu_environment(settings, {}) == {
+        "VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
+    }
+    assert cpu_environment(RolloutSettings(), {})["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    set_by_user = {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    assert cpu_environment(settings, set_by_user) == {}
 
 
 def test_sampling_params_kwargs():
     sampling = Sampling(n=8, max_tokens=128, temperature=0.7, top_p=0.95, seed=3, stop=("</answer>",))
-    kws = sampling_params_kwargs(sampling, 3)
+    prompts = [[5, 6, 7], [8], [9, 9]]
+    kws = sampling_params_kwargs(sampling, prompts)
     assert len(kws) == 3
     for kw in kws:
         assert (kw["n"], kw["max_tokens"], kw["temperature"], kw["top_p"]) == (8, 128, 0.7, 0.95)
         assert kw["stop"] == ["</answer>"] and kw["include_stop_str_in_output"] is True
     assert len({kw["seed"] for kw in kws}) == 3  # each prompt its own seed...
-    assert kws == sampling_params_kwargs(sampling, 3)  # ...deterministic for the request's seed
-    assert sampling_params_kwargs(Sampling(seed=4), 1)[0]["seed"] != sampling_params_kwargs(Sampling(seed=3), 1)[0]["seed"]
-    assert sampling_params_kwargs(Sampling(), 1)[0]["stop"] is None
+    assert kws == sampling_params_kwargs(sampling, prompts)  # ...deterministic for the request's seed
+    assert sampling_params_kwargs(Sampling(seed=4), [[1]])[0]["seed"] != sampling_params_kwargs(Sampling(seed=3), [[1]])[0]["seed"]
+    assert sampling_params_kwargs(Sampling(), [[1]])[0]["stop"] is None
+    # greedy samples are all alike and vLLM refuses n > 1 with them: it is asked for one
+    assert sampling_params_kwargs(Sampling(n=4, temperature=0.0), [[1]])[0]["n"] == 1
+    # a prompt's seed depends on the request's seed and the prompt, not on its position or neighbours
+    shuffled = sampling_params_kwargs(sampling, [[9, 9], [1, 2], [5, 6, 7]])
+    assert shuffled[0]["seed"] == kws[2]["seed"] and shuffled[2]["seed"] == kws[0]["seed"]
+    assert kws[0]["seed"] == prompt_seed(3, [5, 6, 7]) < 2**63 - 1
+    # the same prompt twice in one call: two seeds (two independent sets of samples)
+    twice = sampling_params_kwargs(sampling, [[8], [5, 6, 7], [8]])
+    assert twice[0]["seed"] == kws[1]["seed"] and twice[2]["seed"] == prompt_seed(3, [8], 1) != twice[0]["seed"]
 
 
 def test_token_prompts():
@@ -108,8 +152,12 @@ class _FakeLLM:
         self.prefix_resets = 0
         _FakeLLM.instances.append(self)
 
-    def collective_rpc(self, method, args=()):
-        self.rpcs.append((method, args))
+    fail_rpcs: set = set()  # methods that raise, as an engine without in-place reload would
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        self.rpcs.append((method, args, kwargs or {}))
+        if method in self.fail_rpcs:
+            raise RuntimeError(f"{method} is not supported")
         return [None]
 
     def reset_prefix_cache(self):
@@ -133,12 +181,13 @@ def fake_vllm(monkeypatch):
     module.SamplingParams = lambda **kw: SimpleNamespace(kwargs=kw)
     monkeypatch.setitem(sys.modules, "vllm", module)
     _FakeLLM.instances = []
+    _FakeLLM.fail_rpcs = set()
     return module
 
 
 def test_vllm_backend_needs_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
-    with pytest.raises(RuntimeError, match="gpu extra"):
+    with pytest.raises(RuntimeError, match="gpu extra.*make vllm-env"):
         create_backend(RolloutSettings(backend="vllm"))
 
 
@@ -153,6 +202,8 @@ def test_vllm_backend_load_swap_generate(fake_vllm, tiny_model_dir, tmp_path):
 
     out = backend.generate([[4, 5], [6]], Sampling(n=3, max_tokens=2, seed=1))
     assert [len(s) for s in out] == [3, 3] and out[0][0].token_ids[0] == 5 and out[1][0].token_ids[0] == 6
+    greedy = backend.generate([[4, 5], [6]], Sampling(n=3, max_tokens=2, temperature=0.0))
+    assert [len(s) for s in greedy] == [3, 3] and all(s == [s[0]] * 3 for s in greedy)
 
     # same architecture and tokenizer, new weights: swapped in place, prefix cache dropped
     other = tmp_path / "round-1"
@@ -163,8 +214,9 @@ def test_vllm_backend_load_swap_generate(fake_vllm, tiny_model_dir, tmp_path):
     model.save_pretrained(other)
     backend.load(str(other))
     assert backend.swaps == 1 and backend.loads == 1 and len(_FakeLLM.instances) == 1
-    assert [m for m, _ in llm.rpcs] == ["update_config", "reload_weights"] and llm.prefix_resets == 1
-    assert llm.rpcs[0][1][0]["model_config"]["model"] == str(other.resolve())
+    assert llm.rpcs == [("gradalign_reload_weights", (), {"weights_path": str(other.resolve())})] and llm.prefix_resets == 1
+    assert llm.kwargs["worker_extension_cls"] == "services.rollout.backends.vllm_worker.GradAlignWorkerExtension"
+    assert backend.swap_failures == 0 and backend.swap_seconds > 0 and backend.load_seconds > 0
 
     # another architecture: the engine is rebuilt
     config = json.loads((other / "config.json").read_text())
@@ -173,6 +225,75 @@ def test_vllm_backend_load_swap_generate(fake_vllm, tiny_model_dir, tmp_path):
     backend.load(str(other))
     assert backend.loads == 2 and len(_FakeLLM.instances) == 2
     backend.close()
+
+
+def test_architecture_key_ignores_where_the_tokenizer_was_loaded_from(tiny_model_dir, tmp_path):
+    from services.rollout.backends.vllm import architecture_key
+
+    key = architecture_key(tiny_model_dir)
+    resaved = shutil.copytree(tiny_model_dir, tmp_path / "resaved")  # as the trainer saves it
+    tc = json.loads((resaved / "tokenizer_config.json").read_text())
+    (resaved / "tokenizer_config.json").write_text(json.dumps({**tc, "is_local": True, "local_files_only": True}, indent=1))
+    config = json.loads((resaved / "config.json").read_text())
+    (resaved / "config.json").write_text(json.dumps({**config, "transformers_version": "0.0", "dtype": "bfloat16"}))
+    assert architecture_key(resaved) == key
+    (resaved / "tokenizer_config.json").write_text(json.dumps({**tc, "model_max_length": 7}))
+    assert architecture_key(resaved) != key  # a real tokenizer setting
+    (resaved / "tokenizer_config.json").write_text(json.dumps(tc))
+    (resaved / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    assert architecture_key(resaved) != key
+
+
+def test_a_failed_inplace_swap_is_logged_counted_and_rebuilds(fake_vllm, tiny_model_dir, tmp_path):
+    from structlog.testing import capture_logs
+
+    backend = create_backend(RolloutSettings(backend="vllm", max_model_len=64))
+    backend.load(str(tiny_model_dir))
+    _FakeLLM.fail_rpcs = {"gradalign_reload_weights"}
+    other = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    with capture_logs() as logs:
+        backend.load(str(other))
+    assert (backend.loads, backend.swaps, backend.swap_failures) == (2, 0, 1) and len(_FakeLLM.instances) == 2
+    assert _FakeLLM.instances[1].kwargs["model"] == str(other.resolve())
+    [failed] = [e for e in logs if e["event"] == "vllm_inplace_swap_failed"]
+    assert failed["log_level"] == "warning" and "gradalign_reload_weights is not supported" in failed["error"]
+    assert failed["checkpoint"] == str(other.resolve()) and failed["swap_failures"] == 1
+    backend.close()
+
+
+def test_service_exports_load_and_swap_counters(fake_vllm, tiny_model_dir, tmp_path):
+    from prometheus_client import REGISTRY
+
+    from gradalign_common.grpc_utils import channel
+    from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
+    from gradalign_common.records import write_problems
+    from services.rollout.server import RolloutServicer, create_server
+
+    def metric(name):
+        return REGISTRY.get_sample_value(name, {"backend": "vllm"}) or 0.0
+
+    names = ("model_loads_total", "weight_swaps_total", "swap_failures_total", "weight_swap_seconds_total")
+    before = {n: metric(f"gradalign_rollout_{n}") for n in names}
+    path = write_problems(tmp_path / "p.parquet", load_problems(write_splits(tmp_path / "data")["val"])[:2])
+    other = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    settings = RolloutSettings(port=0, backend="vllm", max_model_len=32, reward_workers=0)
+    servicer = RolloutServicer(settings)
+    server, _, port = create_server(settings, servicer)
+    server.start()
+    try:
+        with channel(f"127.0.0.1:{port}") as ch:
+            for i, ckpt in enumerate((tiny_model_dir, other, other)):
+                req = rollout_pb2.GenerateRequest(
+                    request_id=f"r{i}", checkpoint=str(ckpt), problems_path=str(path), output_path=str(tmp_path / f"{i}.parquet"),
+                    sampling=common_pb2.SamplingParams(n=1, max_tokens=2, temperature=1.0, seed=0),
+                )
+                list(rollout_pb2_grpc.RolloutServiceStub(ch).Generate(req))
+    finally:
+        server.stop(0)
+        servicer.close()
+    gained = {n: metric(f"gradalign_rollout_{n}") - before[n] for n in names}
+    assert gained["model_loads_total"] == 1 and gained["weight_swaps_total"] == 1 and gained["swap_failures_total"] == 0
+    assert gained["weight_swap_seconds_total"] > 0
 
 
 def test_service_with_the_vllm_backend_logic(fake_vllm, tiny_model_dir, tmp_path):

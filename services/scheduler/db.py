@@ -106,6 +106,8 @@ class Stage(Base):
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     progress_unit: Mapped[str | None] = mapped_column(String(20), nullable=True)
     compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # waiting at the scheduler for a worker slot (the longest wait of the stage's parallel requests)
+    queued_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     result: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)

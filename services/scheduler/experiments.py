@@ -84,7 +84,7 @@ class ExperimentService:
                 raise NotFoundError(f"experiment {exp_id} not found")
             if exp.status in TERMINAL:
                 raise InvalidInputError(f"experiment {exp_id} is already {exp.status}")
-            exp.status, exp.finished_at, exp.current_stage = "cancelled", utcnow(), None
+            exp.status, exp.finished_at, exp.current_stage, exp.status_detail = "cancelled", utcnow(), None, None
             s.commit()
         self.bus.publish({"type": "experiment_cancelled", "experiment_id": exp_id})
         return exp

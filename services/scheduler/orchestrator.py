@@ -9,6 +9,14 @@ request id, same deterministic output path, atomic writes) makes the repeat harm
 A worker that is unreachable is retried with exponential backoff up to a cap; the
 experiment's status_detail names the service meanwhile. A worker that rejects a request
 fails the experiment with the worker's message.
+
+Experiments advance side by side: each active experiment is driven by its own thread (up to
+max_parallel_experiments), so a stage of one never waits for a stage of another unless both
+need the same worker replica. Worker capacity is explicit (services.scheduler.capacity): a
+request takes a slot of its replica before it is sent, and requests beyond capacity queue here,
+shared fairly between experiments by priority; each stage records how long it queued. Leases
+are renewed on a timer, independent of worker progress, so a long model load cannot let
+another scheduler replica take an experiment mid-stage.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import datetime as dt
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
@@ -34,6 +42,7 @@ from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
 from gradalign_common.records import Problem, ScoreRecord, write_problems
 from gradalign_common.selection import get_mode, select_top
 from services.scheduler.bulk import insert_candidates, update_candidates
+from services.scheduler.capacity import SlotWaitCancelled, WorkerCapacity
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
 from services.scheduler.events import EventBus
 from services.scheduler.discovery import make_discovery
@@ -62,6 +71,8 @@ class StageContext:
     round_id: int
     stage_id: int
     previous: dict  # stage name -> result of the stages already succeeded in this round
+    priority: float = 1.0  # share of contended worker time
+    queued: list[float] = field(default_factory=list)  # seconds each of the stage's requests waited for a slot
 
 
 class Orchestrator:
@@ -78,16 +89,46 @@ class Orchestrator:
         self._not_before: dict[int, float] = {}
         self._dataset_cache: dict[str, dict[str, Problem]] = {}
         self._progress_written: dict[int, float] = {}
+        self.capacity = WorkerCapacity(
+            {"rollout": settings.rollout_slots, "scoring": settings.scoring_slots, "trainer": settings.trainer_slots}
+        )
+        self._drivers = ThreadPoolExecutor(max_workers=settings.max_parallel_experiments, thread_name_prefix="experiment")
+        self._inflight: set[int] = set()  # experiments a driver thread is advancing
+        self._lost: set[int] = set()  # experiments whose lease could not be renewed: their drivers stop
+        self._inflight_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._active_checked: dict[int, tuple[float, bool]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="orchestrator", daemon=True)
         self._thread.start()
+        self._renewer = threading.Thread(target=self._renew_leases, name="lease-renewer", daemon=True)
+        self._renewer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._renewer):
+            if thread:
+                thread.join(timeout)
+        self._drivers.shutdown(wait=False, cancel_futures=True)
+
+    def _renew_leases(self) -> None:
+        """Renew the lease of every experiment being driven, every third of the TTL, whatever the workers do."""
+        period = self.settings.lease_ttl_s / 3
+        while not self._stop.wait(period):
+            with self._inflight_lock:
+                held = list(self._inflight)
+            for exp_id in held:
+                try:
+                    renewed = self.lease.renew(exp_id)
+                except Exception:  # noqa: BLE001 - a lease store hiccup: try again next period
+                    log.warning("lease_renew_failed", experiment=exp_id)
+                    continue
+                if not renewed:
+                    log.warning("lease_lost", experiment=exp_id, owner=self.owner)
+                    with self._inflight_lock:
+                        self._lost.add(exp_id)
 
     def run_forever(self) -> None:
         log.info("orchestrator_started", owner=self.owner)
@@ -101,20 +142,40 @@ class Orchestrator:
                 self._stop.wait(self.settings.poll_interval_s)
 
     def run_once(self) -> bool:
-        """Advance every runnable experiment by one step; True when anything happened."""
+        """Give every runnable experiment that has none a driver thread; True when one was started."""
         with self.sessions() as s:
             ids = s.scalars(select(Experiment.id).where(Experiment.status.in_(ACTIVE)).order_by(Experiment.id)).all()
-        worked = False
+        started = False
         now = time.monotonic()
         for exp_id in ids:
             if self._stop.is_set():
                 break
-            if self._not_before.get(exp_id, 0) > now:
+            with self._inflight_lock:
+                if exp_id in self._inflight:
+                    continue
+                if len(self._inflight) >= self.settings.max_parallel_experiments:
+                    break
+            if self._not_before.get(exp_id, 0) > now or not self.lease.acquire(exp_id):
                 continue
-            if not self.lease.acquire(exp_id):
-                continue
-            worked |= self.step(exp_id)
-        return worked
+            with self._inflight_lock:
+                self._inflight.add(exp_id)
+                self._lost.discard(exp_id)
+            self._drivers.submit(self._drive, exp_id)
+            started = True
+        return started
+
+    def _drive(self, exp_id: int) -> None:
+        """Advance one experiment stage by stage until it ends, backs off, or its lease is lost."""
+        try:
+            while not self._stop.is_set() and exp_id not in self._lost:
+                if not self.step(exp_id) or self._not_before.get(exp_id, 0) > time.monotonic():
+                    break
+        except Exception:  # noqa: BLE001 - the driver must hand the experiment back whatever happens
+            log.exception("experiment_driver_failed", experiment=exp_id)
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(exp_id)
+                self._lost.discard(exp_id)
 
     def release_all(self) -> None:
         self.lease.release_all()
@@ -140,6 +201,7 @@ class Orchestrator:
             stage.status, stage.attempts, stage.started_at = "running", stage.attempts + 1, utcnow()
             stage.error = None
             exp.current_stage = stage.name
+            exp.status_detail = None  # a retry's "waiting for ..." described the attempt before this one
             ctx = StageContext(
                 experiment_id=exp.id,
                 config=dict(exp.config),
@@ -148,6 +210,7 @@ class Orchestrator:
                 round_id=rnd.id,
                 stage_id=stage.id,
                 previous={st.name: st.result or {} for st in rnd.stages if st.status == "succeeded"},
+                priority=float(exp.config.get("priority", 1.0)),
             )
             stage_name, attempt = stage.name, stage.attempts
             s.commit()
@@ -157,6 +220,9 @@ class Orchestrator:
         started = time.perf_counter()
         try:
             result, compute = handler(ctx)
+        except SlotWaitCancelled:
+            self._requeue(ctx, attempt)
+            return False
         except WorkerUnavailable as exc:
             self._stage_unavailable(ctx, stage_name, attempt, exc)
             return True
@@ -173,6 +239,7 @@ class Orchestrator:
         with self.sessions() as s:
             st = s.get(Stage, ctx.stage_id)
             st.status, st.finished_at, st.result, st.compute_seconds = "succeeded", utcnow(), result, compute
+            st.queued_seconds = max(ctx.queued, default=0.0)
             exp = s.get(Experiment, exp_id)
             exp.status_detail = None
             s.commit()
@@ -200,6 +267,7 @@ class Orchestrator:
         exp.current_stage = None
         if exp.current_round >= exp.config["num_selections"]:
             exp.status, exp.finished_at = "completed", utcnow()
+            self.capacity.forget(exp.id)
 
     def _prune_checkpoints(self, s: Session, exp: Experiment) -> None:
         """Apply the experiment's checkpoint retention; round r's checkpoint is judged by round r+1's validation reward."""
@@ -220,6 +288,36 @@ class Orchestrator:
         )
         if deleted:
             log.info("checkpoints_pruned", experiment=exp.id, deleted=[str(p) for p in deleted])
+
+    def _requeue(self, ctx: StageContext, attempt: int) -> None:
+        """A stage that stopped waiting for a worker slot (cancelled, stopping, lease lost) goes back to pending
+        without counting as an attempt; nothing was sent."""
+        with self.sessions() as s:
+            st = s.get(Stage, ctx.stage_id)
+            if st.status == "running" and st.attempts == attempt:
+                st.status, st.attempts = "pending", attempt - 1
+            s.commit()
+        log.info("stage_requeued", experiment=ctx.experiment_id, stage_id=ctx.stage_id)
+
+    def _call(self, ctx: StageContext, role: str, address: str, call: Callable[[], object]):
+        """Run one worker call inside a slot of its replica (queued here when the replica is busy)."""
+        with self.capacity.slot(
+            role, address, ctx.experiment_id, ctx.priority, should_stop=lambda: self._should_stop(ctx.experiment_id)
+        ) as waited:
+            ctx.queued.append(waited)
+            return call()
+
+    def _should_stop(self, exp_id: int) -> bool:
+        """Stop waiting for a slot: the scheduler stops, the lease was lost, or the experiment left the active states."""
+        if self._stop.is_set() or exp_id in self._lost:
+            return True
+        now = time.monotonic()
+        checked_at, active = self._active_checked.get(exp_id, (0.0, True))
+        if now - checked_at >= 1.0:
+            with self.sessions() as s:
+                active = s.scalar(select(Experiment.status).where(Experiment.id == exp_id)) in ACTIVE
+            self._active_checked[exp_id] = (now, active)
+        return not active
 
     def _stage_unavailable(self, ctx: StageContext, stage_name: str, attempt: int, exc: WorkerUnavailable) -> None:
         STAGE_RETRIES.labels(stage_name, exc.service).inc()
@@ -246,6 +344,7 @@ class Orchestrator:
                 exp.status, exp.error, exp.finished_at = "failed", f"{stage_name}: {message}", utcnow()
             s.commit()
         self.lease.release(ctx.experiment_id)
+        self.capacity.forget(ctx.experiment_id)
         log.error("experiment_failed", experiment=ctx.experiment_id, stage=stage_name, error=message)
         self._publish(ctx.experiment_id, "experiment_failed", stage=stage_name, error=message)
 
@@ -302,6 +401,7 @@ class Orchestrator:
         shards = [candidate_paths[i :: len(addresses)] for i in range(len(addresses))]
         jobs = [(i, addresses[i], paths) for i, paths in enumerate(shards) if paths]
         tracker = _ProgressTracker(self, ctx, "score", len(jobs))
+        method, dtype = scoring_options(cfg)
 
         def run(job):
             i, address, paths = job
@@ -311,12 +411,14 @@ class Orchestrator:
                 candidate_paths=paths,
                 validation_paths=validation_paths,
                 mode=mode.name,
-                method="exact",
-                dtype="float32",
+                method=method,
+                dtype=dtype,
                 seed=_stage_seed(cfg, ctx.round_index, 2),
                 output_path=str(self.store.scores_path(ctx.experiment_id, ctx.round_index, i)),
             )
-            return workers.score(address, self.settings.worker_deadline_s, request, tracker.callback(i))
+            return self._call(
+                ctx, "scoring", address, lambda: workers.score(address, self.settings.worker_deadline_s, request, tracker.callback(i))
+            )
 
         results = _run_parallel(run, jobs)
         by_id = {sc.problem_id: sc for scores, _ in results for sc in scores}
@@ -392,10 +494,10 @@ class Orchestrator:
                 st = s.get(Stage, ctx.stage_id)
                 st.progress_done, st.progress_total, st.progress_unit = m.step, total, "steps"
                 s.commit()
-            self.lease.renew(ctx.experiment_id)
             self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage="train", done=m.step, total=total, unit="steps", metrics=metrics)
 
-        result = workers.train(self._addresses("trainer")[0], self.settings.worker_deadline_s, request, on_step)
+        address = self._addresses("trainer")[0]
+        result = self._call(ctx, "trainer", address, lambda: workers.train(address, self.settings.worker_deadline_s, request, on_step))
         with self.sessions() as s:
             s.get(Round, ctx.round_id).checkpoint_out = result.checkpoint
             s.commit()
@@ -428,7 +530,9 @@ class Orchestrator:
                 sampling=workers.sampling_params(n, cfg["max_tokens"], cfg["temperature"], cfg["top_p"], seed + i),
                 output_path=str(self.store.rollouts_path(ctx.experiment_id, ctx.round_index, stage, i)),
             )
-            return workers.generate(address, self.settings.worker_deadline_s, request, tracker.callback(i))
+            return self._call(
+                ctx, "rollout", address, lambda: workers.generate(address, self.settings.worker_deadline_s, request, tracker.callback(i))
+            )
 
         results = _run_parallel(run, jobs)
         stats = [st for r in results for st in r.stats]
@@ -473,7 +577,6 @@ class Orchestrator:
             st = s.get(Stage, ctx.stage_id)
             st.progress_done, st.progress_total, st.progress_unit = done, total, unit
             s.commit()
-        self.lease.renew(ctx.experiment_id)
         self._publish(ctx.experiment_id, "progress", round=ctx.round_index, stage=stage, done=done, total=total, unit=unit)
 
     def _publish(self, exp_id: int, kind: str, **fields) -> None:
@@ -507,6 +610,14 @@ def _run_parallel(fn, jobs: list) -> list:
         return [fn(jobs[0])]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         return list(pool.map(fn, jobs))
+
+
+def scoring_options(cfg: dict) -> tuple[str, str]:
+    """(method, dtype) of an experiment's score requests. dtype "" leaves the choice to the scoring
+    service's dtype setting (auto: bfloat16 on CUDA, float32 on CPU); experiments stored before these
+    fields existed score exactly with the service's dtype."""
+    dtype = cfg.get("scoring_dtype", "auto")
+    return cfg.get("scoring_method", "exact"), "" if dtype == "auto" else dtype
 
 
 def _stage_seed(cfg: dict, round_index: int, stage_offset: int) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
-
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from gradalign_common.errors import InvalidInputError
+from gradalign_common.scoring_methods import parse_method
 from gradalign_common.selection import mode_names
 
 
@@ -53,6 +53,26 @@ class ExperimentCreate(BaseModel):
         default=None, ge=1, description="keep only the last N round checkpoints (plus keep_best_checkpoints); None keeps all"
     )
     keep_best_checkpoints: int = Field(default=1, ge=0, description="with keep_last_checkpoints: also keep the N best by validation reward")
+    priority: float = Field(
+        default=1.0, gt=0.0, le=100.0,
+        description="share of contended worker time: an experiment of priority 2 gets about twice the worker time of one of priority 1",
+    )
+    scoring_method: str = Field(
+        default="exact",
+        description="how scoring computes the gradients: exact (the spec), exact-loop, or an approximation "
+        "project[-K], top-layers[-N], fewer-responses[-M]",
+    )
+    scoring_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="model dtype for scoring; auto: the scoring service's setting (bfloat16 on CUDA, float32 on CPU)"
+    )
+
+    @field_validator("scoring_method")
+    @classmethod
+    def _known_scoring_method(cls, v: str) -> str:
+        try:
+            return parse_method(v).name
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("mode")
     @classmethod
@@ -99,6 +119,7 @@ class StageOut(BaseModel):
     progress_total: int
     progress_unit: str | None
     compute_seconds: float
+    queued_seconds: float
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
 

@@ -41,6 +41,12 @@ class SchedulerSettings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, ge=0, description="first backoff; doubles up to retry_backoff_max_s")
     retry_backoff_max_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=0.5, gt=0)
+    max_parallel_experiments: int = Field(
+        default=8, ge=1, description="experiments this replica advances at the same time (each in its own thread)"
+    )
+    rollout_slots: int = Field(default=1, ge=1, description="requests each rollout replica serves at once; the rest queue here")
+    scoring_slots: int = Field(default=1, ge=1, description="requests each scoring replica serves at once; the rest queue here")
+    trainer_slots: int = Field(default=1, ge=1, description="requests the trainer serves at once; the rest queue here")
     run_orchestrator: bool = True
     replica_id: str | None = Field(
         default=None, description="this replica's lease owner id; default hostname:port, so a restarted replica resumes its leases at once"

@@ -4,7 +4,7 @@ with a validation gradient (shared/spec/gradalign-score.md).
 - engine: the scoring engine (ScoringEngine): exact scores at the cost of one training step
   over the candidates' tokens, optional Adam preconditioning, approximate methods by name.
 - pergroup: per-group gradient statistics from batched forward/backward passes (hooks).
-- methods: the scoring methods (exact, exact-loop, project[-K], top-layers[-N], fewer-responses[-M]).
+- the scoring methods by name (gradalign_common.scoring_methods: exact, exact-loop, project[-K], top-layers[-N], fewer-responses[-M]).
 - server: the gRPC ScoringService.
 - replicas: scorer processes, and a round sharded over them.
 - cli: the `gradalign score` command.

@@ -15,12 +15,12 @@ import typer
 from tqdm import tqdm
 
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.modeling import check_model_dir, parse_dtype
+from gradalign_common.modeling import check_model_dir, parse_dtype, resolve_dtype
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.selection import get_mode, mode_names
 from services.scoring.engine import ScoringEngine, parse_device, score_without_gradients
-from services.scoring.methods import METHODS, parse_method
+from gradalign_common.scoring_methods import METHODS, parse_method
 from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
 
 BAD_INPUT_EXIT_CODE = 2
@@ -37,7 +37,7 @@ def score_command(
         "exact", "--method",
         help=f"Scoring method: {', '.join(METHODS)}. Approximate methods are used only when named here.",
     ),  # fmt: skip
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, float64, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: float32, float64, bfloat16, float16, or auto (bfloat16 on CUDA, float32 on CPU)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
     max_batch_tokens: int = typer.Option(
         DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", min=1,
@@ -76,8 +76,8 @@ def _score(
     """Check the arguments, read the rollouts and score them; InvalidInputError on bad input."""
     mode = get_mode(mode_name)
     spec = parse_method(method)
-    dtype = parse_dtype(dtype_name)
     parse_device(device)
+    dtype = parse_dtype(resolve_dtype(dtype_name, device))
     check_model_dir(model)
     state = read_optimizer_state(optimizer_state) if optimizer_state is not None else None
     if mode.needs_validation and validation_path is None:

@@ -12,7 +12,7 @@ in gradalign_common.selection.
 With an optimizer state (a Preconditioner), every gradient, g_i and grad L_V alike, is
 divided elementwise by Adam's sqrt(v_hat) + eps before normalising and taking products.
 
-Methods (services.scoring.methods): `exact` batches several groups into one forward and
+Methods (gradalign_common.scoring_methods): `exact` batches several groups into one forward and
 one backward and separates each group's contribution in hooks (services.scoring.pergroup),
 at the cost of one training step over the candidates' tokens; `exact-loop` is the
 straightforward one-backward-per-group computation (its reference, and the fallback for
@@ -40,8 +40,8 @@ from gradalign_common.modeling import load_model, parse_dtype  # noqa: F401 - pa
 from gradalign_common.optimizer_state import AdamSecondMoment
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts
 from gradalign_common.selection import GroupSignals, SelectionMode, ValidationSource, get_mode, seeded_uniform_scores
+from gradalign_common.scoring_methods import MethodSpec, parse_method
 from services.scoring import pergroup
-from services.scoring.methods import METHODS, MethodSpec, parse_method  # noqa: F401 - METHODS re-exported
 
 ProgressCallback = Callable[[int, int], None]
 """Called as progress(done, total) after each group."""

@@ -16,7 +16,11 @@ class ScoringSettings(WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="GRADALIGN_SCORING_", extra="ignore")
 
     port: int = Field(default=50052, ge=0, le=65535)
-    dtype: str = Field(default="float32", description="model dtype when a request names none")
+    dtype: str = Field(
+        default="auto",
+        description="model dtype when a request names none: float32, bfloat16, float16, float64, or auto "
+        "(bfloat16 on CUDA, float32 on CPU)",
+    )
     max_batch_tokens: int = Field(
         default=DEFAULT_MAX_BATCH_TOKENS, ge=1, description="rows x width of one batched forward of the exact scorer"
     )

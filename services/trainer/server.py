@@ -18,8 +18,9 @@ then the result) without training again.
 
 Rollout reuse (`rollouts_paths`, torch backend): the first step takes its batch's
 responses from the scoring stage's rollout shards (services.trainer.reuse).
-KL reference: `reference_checkpoint` (the run's initial model), else the starting
-checkpoint; loaded only when kl_coef > 0 and kept loaded between requests.
+KL reference (torch backend): `reference_checkpoint` (the run's initial model), else the
+starting checkpoint; loaded only when kl_coef > 0 and kept loaded between requests. The verl
+backend cannot point verl 0.9.1's reference elsewhere: its reference is the starting checkpoint.
 Optimizer state (`export_optimizer_state`, torch backend): AdamW's exp_avg_sq after the
 last step, written with gradalign_common.optimizer_state inside the new checkpoint at
 OPTIMIZER_STATE_NAME (a subdirectory, so model loaders that glob *.safetensors in the

@@ -45,6 +45,10 @@ class TrainerSettings(WorkerSettings):
     verl_gpu_memory_utilization: float = Field(default=0.6, gt=0, le=1, description="vLLM's share of each GPU")
     verl_micro_batch_size_per_gpu: int = Field(default=4, ge=1, description="responses per forward/backward per GPU")
     verl_max_prompt_length: int = Field(default=1024, ge=1, description="at least; raised to the longest prompt")
+    verl_attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="attention of verl's FSDP actor/reference; flash_attention_2 needs flash-attn in verl's environment",
+    )
     verl_extra_overrides: list[str] = Field(default_factory=list, description="Hydra overrides appended last")
     verl_work_dir: Path | None = Field(
         default=None, description="scratch for verl's dataset and FSDP checkpoints; None = beside the output"
@@ -76,5 +80,6 @@ class TrainerSettings(WorkerSettings):
             gpu_memory_utilization=self.verl_gpu_memory_utilization,
             micro_batch_size_per_gpu=self.verl_micro_batch_size_per_gpu,
             max_prompt_length=self.verl_max_prompt_length,
+            attn_implementation=self.verl_attn_implementation,
             extra_overrides=tuple(self.verl_extra_overrides),
         )

@@ -1,13 +1,14 @@
 """The `verl` training backend: our train request as a verl GRPO run in a subprocess (GPU clusters).
 
-Targets **verl 0.7.0** (PyPI `verl==0.7.0`, git tag v0.7.0 of volcengine/verl). Every
-key below exists in that version's `verl/trainer/config/ppo_trainer.yaml` (composed
-with its actor/rollout/ref/data sub-configs, `_generated_ppo_trainer.yaml`); the one
-added key, `+actor_rollout_ref.ref.model.path`, is what its legacy FSDP worker
-(`verl/workers/fsdp_workers.py`, the default `trainer.use_legacy_worker_impl=auto`) reads
-for a reference model other than the actor's. Nothing here imports verl: it builds files
+Targets **verl 0.9.1** (PyPI `verl==0.9.1`, installed as `verl[vllm]` with vllm 0.24.0, torch
+2.11.0 and transformers 5.9.0, no flash-attn). Every key below exists in that version's
+`verl/trainer/config/ppo_trainer.yaml` composed with its sub-configs (the reference listing
+is `_generated_ppo_trainer.yaml`); the one key added with `+` is read by verl's workers.
+tests/test_verl_config.py composes the real config with these overrides in Hydra's strict
+mode and converts the actor, reference, rollout and model sections with verl's own
+`omega_conf_to_dataclass`, as its workers do. Nothing here imports verl: it builds files
 and argument lists, and `iter_verl`/`run_verl` execute them as subprocesses, so this
-module and its tests run without verl installed.
+module runs without verl installed.
 
 One request becomes:
 1. the selected problems as a parquet file in verl's RL dataset format
@@ -20,14 +21,39 @@ One request becomes:
    mini-batch per step: ppo_mini_batch_size = train_batch_size, ppo_epochs = 1, as the
    torch backend), token-mean loss, the clip range on both sides, KL as a loss term with
    the low-variance (k3) estimator when kl_coef > 0, entropy bonus, AdamW lr / weight
-   decay / gradient clipping, vLLM rollouts, our reward function
-   (services/trainer/verl_reward.py as custom_reward_function), no resume
-   (trainer.resume_mode=disable: a retry starts from the request's checkpoint), one
-   actor checkpoint saved after the last step (trainer.save_freq=steps) under
-   trainer.default_local_dir/global_step_<steps>/actor;
+   decay / gradient clipping (optim.clip_grad, what 0.9.1's FSDP engine clips with),
+   vLLM rollouts, our reward function (services/trainer/verl_reward.py as
+   reward.custom_reward_function: 0.9.1's main_ppo reads only that one; the legacy
+   top-level custom_reward_function is migrated by its fully-async entry point alone),
+   no resume (trainer.resume_mode=disable: a retry starts from the request's checkpoint),
+   one actor checkpoint saved after the last step (trainer.save_freq=steps) under
+   trainer.default_local_dir/global_step_<steps>/actor (verl/trainer/ppo/v1/trainer_base.py
+   `_save_checkpoint`): model_world_size_<W>_rank_<r>.pt shards, fsdp_config.json and
+   huggingface/ (config + tokenizer), written by verl/utils/checkpoint/fsdp_checkpoint_manager.py;
 3. `python3 -m verl.model_merger merge --backend fsdp --local_dir <that actor dir>
    --target_dir <dir>` (`merge_command`), which writes a Hugging Face directory (weights,
    config, tokenizer) that rollout and scoring load.
+
+Attention: 0.9.1's HFModelConfig asks transformers for `flash_attention_2` unless
+`model.override_config.attn_implementation` says otherwise (verl/workers/config/model.py),
+and transformers refuses to load a model so without the flash-attn package. Its default
+`model.use_remove_padding=True` feeds the FSDP engine's forward one packed (padding-free)
+sequence per micro-batch with no attention mask (verl/workers/engine/fsdp/transformer_impl.py),
+a path built for flash-attention's variable-length kernels. The GPU stack installs no
+flash-attn, so by default (VerlOptions.attn_implementation = "sdpa") we add
+`+actor_rollout_ref.model.override_config.attn_implementation=sdpa` and set
+`actor_rollout_ref.model.use_remove_padding=False` (padded batches with an attention mask,
+the plain transformers path). With attn_implementation="flash_attention_2" (flash-attn
+installed) verl's defaults stay.
+
+The KL reference model: verl 0.9.1 builds the reference policy from the actor's model
+config (verl/workers/engine_workers.py, ActorRolloutRefWorker.init_model:
+`ref_config.model_config = deepcopy(model_config)`); its ref section has no model of its
+own and `+actor_rollout_ref.ref.model.path` (what 0.7.0's legacy FSDP worker read) makes
+the ref's dataclass conversion fail. So with this backend the reference is the actor's
+initial weights, i.e. the request's starting checkpoint (`model_path`), not the run's
+initial model that the torch backend uses: each round's KL anchors at that round's start.
+A request whose reference differs is trained so, with a warning in the log.
 
 Console metrics: verl's console logger prints one line per step,
 `step:N - key:value - ...` (possibly prefixed by Ray's `(TaskRunner pid=...)`);
@@ -69,12 +95,15 @@ from services.trainer.grpo import GRPOConfig, StepMetrics
 
 log = get_logger("gradalign.trainer.verl")
 
-VERL_VERSION = "0.7.0"
+VERL_VERSION = "0.9.1"
 TRAIN_MODULE = "verl.trainer.main_ppo"
 MERGER_MODULE = "verl.model_merger"
 REWARD_FILE = Path(__file__).resolve().with_name("verl_reward.py")
 REWARD_FUNCTION = "compute_score"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# transformers' attention implementations verl's FSDP engine can load the actor/ref with;
+# only flash_attention_2 needs the flash-attn package (and alone keeps verl's padding-free batches)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 VERL_DATASET_SCHEMA = pa.schema(
     [
@@ -102,6 +131,7 @@ class VerlOptions:
     gpu_memory_utilization: float = 0.6  # vLLM's share of each GPU
     micro_batch_size_per_gpu: int = 4  # responses per forward/backward per GPU (at most; see micro_batch_per_gpu)
     max_prompt_length: int = 1024  # at least; raised to the longest prompt when a tokenizer is given
+    attn_implementation: str = "sdpa"  # the FSDP actor/ref's attention (see the module docstring)
     extra_overrides: tuple[str, ...] = ()  # appended last, so they win
 
     @property
@@ -116,6 +146,10 @@ class VerlOptions:
             raise InvalidInputError(f"verl gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_prompt_length < 1:
             raise InvalidInputError(f"verl max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise InvalidInputError(
+                f"verl attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
+            )
         if self.n_gpus % self.tensor_parallel_size:
             raise InvalidInputError(
                 f"verl tensor_parallel_size {self.tensor_parallel_size} must divide the GPU count {self.n_gpus}"
@@ -229,11 +263,13 @@ def train_overrides(
     checkpoint_dir: str | Path,
     num_problems: int,
     options: VerlOptions = VerlOptions(),
-    reference_path: str | Path | None = None,
     max_prompt_length: int | None = None,
     experiment_name: str = "gradalign",
 ) -> list[str]:
-    """The Hydra overrides of verl's main_ppo for one train request (see the module docstring)."""
+    """The Hydra overrides of verl 0.9.1's main_ppo for one train request (see the module docstring).
+
+    The KL reference is the actor's starting weights (`model_path`): verl 0.9.1 has no
+    separate reference model path."""
     check_verl_request(config, num_problems, options)
     micro = micro_batch_per_gpu(config, options)
     use_kl = config.kl_coef > 0
@@ -252,10 +288,18 @@ def train_overrides(
         ("data.shuffle", True),
         ("data.seed", config.seed),
         ("actor_rollout_ref.model.path", str(model_path)),
+    ]
+    if options.attn_implementation != "flash_attention_2":
+        pairs += [
+            # read by HFModelConfig.__post_init__ (verl/workers/config/model.py); the dict is empty by default
+            ("+actor_rollout_ref.model.override_config.attn_implementation", options.attn_implementation),
+            # padded batches with an attention mask: verl's packed path is built for flash-attention's varlen kernels
+            ("actor_rollout_ref.model.use_remove_padding", False),
+        ]
+    pairs += [
         ("actor_rollout_ref.actor.optim.lr", float(config.learning_rate)),
         ("actor_rollout_ref.actor.optim.weight_decay", float(config.weight_decay)),
         ("actor_rollout_ref.actor.optim.clip_grad", float(config.max_grad_norm)),
-        ("actor_rollout_ref.actor.grad_clip", float(config.max_grad_norm)),
         ("actor_rollout_ref.actor.ppo_mini_batch_size", config.batch_size),
         ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", micro),
         ("actor_rollout_ref.actor.ppo_epochs", 1),
@@ -277,8 +321,8 @@ def train_overrides(
         ("actor_rollout_ref.rollout.gpu_memory_utilization", float(options.gpu_memory_utilization)),
         ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", micro),
         ("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", micro),
-        ("custom_reward_function.path", str(REWARD_FILE)),
-        ("custom_reward_function.name", REWARD_FUNCTION),
+        ("reward.custom_reward_function.path", str(REWARD_FILE)),
+        ("reward.custom_reward_function.name", REWARD_FUNCTION),
         ("trainer.total_training_steps", config.steps),
         ("trainer.total_epochs", epochs_for(config.steps, config.batch_size, num_problems)),
         ("trainer.n_gpus_per_node", options.n_gpus_per_node),
@@ -294,9 +338,6 @@ def train_overrides(
         ("trainer.experiment_name", experiment_name),
     ]
     overrides = [f"{key}={hydra_value(value)}" for key, value in pairs]
-    if use_kl and reference_path is not None and str(reference_path) != str(model_path):
-        # not in the default config: `+` adds it; read by verl's FSDP ref worker
-        overrides.append(f"+actor_rollout_ref.ref.model.path={hydra_value(str(reference_path))}")
     overrides.extend(options.extra_overrides)
     return overrides
 
@@ -307,7 +348,7 @@ def train_command(config: GRPOConfig, *, options: VerlOptions = VerlOptions(), *
 
 
 def actor_checkpoint_dir(checkpoint_dir: str | Path, steps: int) -> Path:
-    """Where verl 0.7.0 saves the actor after step `steps` (ray_trainer._save_checkpoint)."""
+    """Where verl 0.9.1 saves the actor after step `steps` (verl/trainer/ppo/v1/trainer_base.py `_save_checkpoint`)."""
     return Path(checkpoint_dir) / f"global_step_{steps}" / "actor"
 
 
@@ -364,9 +405,20 @@ def prepare_job(
     tokenizer=None,
     experiment_name: str = "gradalign",
 ) -> VerlJob:
-    """Write the dataset under work_dir and build both commands; nothing runs yet."""
+    """Write the dataset under work_dir and build both commands; nothing runs yet.
+
+    `reference_path` (the KL reference the request names) cannot be honoured by verl 0.9.1:
+    its reference policy is the actor's starting weights, `model_path` (module docstring).
+    A different one is logged and otherwise ignored."""
     check_problems(problems)
     check_verl_request(config, len(problems), options)
+    if config.kl_coef > 0 and reference_path is not None and Path(reference_path) != Path(model_path):
+        log.warning(
+            "verl_reference_is_the_starting_checkpoint",
+            requested=str(reference_path),
+            used=str(model_path),
+            reason=f"verl {VERL_VERSION} builds its reference policy from the actor's model",
+        )
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     train_files = write_verl_dataset(work_dir / "train.parquet", problems)
@@ -381,7 +433,6 @@ def prepare_job(
         val_files=train_files,
         checkpoint_dir=checkpoint_dir,
         num_problems=len(problems),
-        reference_path=reference_path,
         max_prompt_length=prompt_length,
         experiment_name=experiment_name,
     )

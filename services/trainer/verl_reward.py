@@ -1,9 +1,11 @@
-"""The reward function verl calls for our problems (verl's `custom_reward_function`).
+"""The reward function verl calls for our problems (verl's `reward.custom_reward_function`).
 
-verl loads this file by path (`custom_reward_function.path=<this file>`,
-`custom_reward_function.name=compute_score`) inside its own processes and calls
+verl 0.9.1 loads this file by path (`reward.custom_reward_function.path=<this file>`,
+`reward.custom_reward_function.name=compute_score`; verl/trainer/ppo/reward.py
+get_custom_reward_fn) inside its reward-loop workers, and its naive reward manager calls
 `compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)` for
-every response; it returns the same reward our rollout and scoring services give
+every response (extra_info is our row's plus verl's num_turns and rollout_reward_scores);
+it returns the same reward our rollout and scoring services give
 (gradalign_common.rewards), so every backend trains on one reward definition.
 
 It is loaded outside our package, so it puts the repository root on sys.path first.

@@ -1171,6 +1171,7 @@ async function renderExperiment(page, main, [idText]) {
             stage.started_at ? `started ${fmtTime(stage.started_at)}` : null,
             stage.finished_at ? `finished ${fmtTime(stage.finished_at)}` : null,
             `compute ${fmtDuration(stage.compute_seconds)}`,
+            `queued for a worker ${fmtDuration(stage.queued_seconds || 0)}`,
             stage.attempts ? `attempts ${stage.attempts}` : null,
             stage.error ? `error: ${stage.error}` : null,
           ].filter(Boolean).join("\n");
@@ -1190,6 +1191,9 @@ async function renderExperiment(page, main, [idText]) {
                   : fmtDuration(dur),
               ),
               stage.attempts > 1 ? h("span", { class: "stage-attempts" }, `attempt ${stage.attempts}`) : null,
+              stage.queued_seconds >= 0.5
+                ? h("span", { class: "stage-queued", title: "waited at the scheduler for a worker slot" }, `queued ${fmtDuration(stage.queued_seconds)}, computing ${fmtDuration(stage.compute_seconds)}`)
+                : null,
               showProgress
                 ? [
                     h("span", { class: "stage-progress-text" }, `${stage.progress_done} / ${stage.progress_total} ${pluralUnit(stage.progress_unit)}`),
@@ -1837,6 +1841,8 @@ const FORM_FIELDS = [
   { name: "clip_eps", label: "Clip ε", type: "float", value: "0.2", advanced: true },
   { name: "kl_coef", label: "KL coefficient", type: "float", value: "0.0", advanced: true },
   { name: "micro_batch_size", label: "Micro-batch size", type: "int", value: "64", advanced: true },
+  { name: "scoring_method", label: "Scoring method", type: "text", value: "exact", advanced: true, help: "exact (the spec), exact-loop, or an approximation: project[-K], top-layers[-N], fewer-responses[-M]." },
+  { name: "scoring_dtype", label: "Scoring dtype", type: "select", options: ["auto", "float32", "bfloat16", "float16"], value: "auto", advanced: true, help: "auto: the scoring service's setting (bfloat16 on CUDA, float32 on CPU)." },
 ];
 
 function formField(f) {

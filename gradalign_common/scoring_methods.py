@@ -1,4 +1,7 @@
-"""Scoring methods: how the per-candidate gradient signals (cos and dot with g_V) are computed.
+"""Scoring methods, by name: how the per-candidate gradient signals (cos and dot with g_V) are computed.
+
+The names and their grammar are shared (the scheduler validates an experiment's scoring_method
+with parse_method); the scoring service implements them (services/scoring/engine.py, pergroup.py).
 
 - exact: the spec's definition, several groups per forward and backward, each group's
   contribution separated on the fly (services.scoring.pergroup); falls back to
