@@ -34,6 +34,11 @@ def parse_dtype(name: str) -> torch.dtype:
         raise InvalidInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+def dtype_on(name: str, device: str) -> torch.dtype:
+    """The torch dtype a dtype name means on `device` ("auto" resolved by resolve_dtype); InvalidInputError if unknown."""
+    return parse_dtype(resolve_dtype(name, device))
+
+
 def check_model_dir(path: str | Path) -> Path:
     """Return the resolved path of a local HF model directory or raise naming what is wrong."""
     p = Path(path).expanduser()
@@ -98,7 +103,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path)
-    torch_dtype = parse_dtype(resolve_dtype(dtype, device)) if isinstance(dtype, str) else dtype
+    torch_dtype = dtype_on(dtype, device) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -60,6 +60,18 @@ def close(ours: torch.Tensor, theirs: torch.Tensor, atol: float = ATOL) -> None:
     torch.testing.assert_close(ours.to(torch.float32), theirs.to(torch.float32), atol=atol, rtol=0.0)
 
 
+def verl_vanilla_loss(verl_math, log_probs, old_log_probs, mb, config):
+    """verl's vanilla policy loss (token-mean) of a micro-batch of ours: (loss, metrics)."""
+    return verl_math.get_policy_loss_fn("vanilla")(
+        old_log_prob=old_log_probs,
+        log_prob=log_probs,
+        advantages=mb.advantages,
+        response_mask=mb.response_mask.bool(),
+        loss_agg_mode="token-mean",
+        config=config,
+    )
+
+
 def verl_actor_config(clip_eps: float, num_tokens: float | None, clip_ratio_c: float = 3.0):
     """The actor config verl's ppo_loss hands its policy loss (verl/workers/utils/losses.py): clip range on
     both sides as our verl backend sets it, and the global batch info it fills before each micro-batch."""
@@ -191,14 +203,7 @@ def test_vanilla_policy_loss_matches_verls(verl_math, seed, clip_eps):
     ours, clip_fraction = get_policy_loss("vanilla")(
         log_probs, old_log_probs, mb.advantages, mb.response_mask, clip_eps, num_tokens
     )
-    theirs, metrics = verl_math.get_policy_loss_fn("vanilla")(
-        old_log_prob=old_log_probs,
-        log_prob=log_probs,
-        advantages=mb.advantages,
-        response_mask=mb.response_mask.bool(),
-        loss_agg_mode="token-mean",
-        config=verl_actor_config(clip_eps, num_tokens),
-    )
+    theirs, metrics = verl_vanilla_loss(verl_math, log_probs, old_log_probs, mb, verl_actor_config(clip_eps, num_tokens))
     close(ours, theirs)
     assert clip_fraction.item() == pytest.approx(metrics["actor/pg_clipfrac"], abs=ATOL)
     assert 0 < clip_fraction.item() < 1  # the clipped branch is exercised
@@ -220,14 +225,7 @@ def test_micro_batches_sum_to_verls_batch_loss(verl_math, seed):
     for mb in micro:
         log_probs, old_log_probs = random_log_probs(gen, mb.response_mask, spread=0.5)
         ours, _ = get_policy_loss("vanilla")(log_probs, old_log_probs, mb.advantages, mb.response_mask, 0.2, num_tokens)
-        theirs, _ = verl_math.get_policy_loss_fn("vanilla")(
-            old_log_prob=old_log_probs,
-            log_prob=log_probs,
-            advantages=mb.advantages,
-            response_mask=mb.response_mask.bool(),
-            loss_agg_mode="token-mean",
-            config=verl_actor_config(0.2, num_tokens),
-        )
+        theirs, _ = verl_vanilla_loss(verl_math, log_probs, old_log_probs, mb, verl_actor_config(0.2, num_tokens))
         close(ours, theirs)
         ours_total, theirs_total = ours_total + ours, theirs_total + theirs
     close(ours_total, theirs_total)
@@ -241,11 +239,9 @@ def test_verls_dual_clip_is_the_one_difference_for_large_ratios(verl_math):
     log_probs, old_log_probs = random_log_probs(gen, mb.response_mask, spread=3.0)
     n = float(mb.num_tokens)
     ours, _ = get_policy_loss("vanilla")(log_probs, old_log_probs, mb.advantages, mb.response_mask, 0.2, n)
-    loss_fn = verl_math.get_policy_loss_fn("vanilla")
-    kwargs = dict(old_log_prob=old_log_probs, log_prob=log_probs, advantages=mb.advantages, response_mask=mb.response_mask.bool())
-    no_dual, _ = loss_fn(**kwargs, config=verl_actor_config(0.2, n, clip_ratio_c=1e9))
+    no_dual, _ = verl_vanilla_loss(verl_math, log_probs, old_log_probs, mb, verl_actor_config(0.2, n, clip_ratio_c=1e9))
     close(ours, no_dual)
-    dual, metrics = loss_fn(**kwargs, config=verl_actor_config(0.2, n))
+    dual, metrics = verl_vanilla_loss(verl_math, log_probs, old_log_probs, mb, verl_actor_config(0.2, n))
     ratio = torch.exp(log_probs - old_log_probs)
     capped = mb.response_mask.bool() & (mb.advantages < 0) & (ratio > 3.0)
     assert capped.any() and metrics["actor/pg_clipfrac_lower"] > 0

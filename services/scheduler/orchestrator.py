@@ -176,6 +176,15 @@ class Orchestrator:
             with self._inflight_lock:
                 self._inflight.discard(exp_id)
                 self._lost.discard(exp_id)
+            self._forget_if_ended(exp_id)
+
+    def _forget_if_ended(self, exp_id: int) -> None:
+        """An experiment that completed, failed or was cancelled leaves the fair-share accounts and the status cache."""
+        with self.sessions() as s:
+            ended = s.scalar(select(Experiment.status).where(Experiment.id == exp_id)) not in ACTIVE
+        if ended:
+            self.capacity.forget(exp_id)
+            self._active_checked.pop(exp_id, None)
 
     def release_all(self) -> None:
         self.lease.release_all()
@@ -267,7 +276,6 @@ class Orchestrator:
         exp.current_stage = None
         if exp.current_round >= exp.config["num_selections"]:
             exp.status, exp.finished_at = "completed", utcnow()
-            self.capacity.forget(exp.id)
 
     def _prune_checkpoints(self, s: Session, exp: Experiment) -> None:
         """Apply the experiment's checkpoint retention; round r's checkpoint is judged by round r+1's validation reward."""
@@ -344,7 +352,6 @@ class Orchestrator:
                 exp.status, exp.error, exp.finished_at = "failed", f"{stage_name}: {message}", utcnow()
             s.commit()
         self.lease.release(ctx.experiment_id)
-        self.capacity.forget(ctx.experiment_id)
         log.error("experiment_failed", experiment=ctx.experiment_id, stage=stage_name, error=message)
         self._publish(ctx.experiment_id, "experiment_failed", stage=stage_name, error=message)
 

@@ -15,7 +15,7 @@ import typer
 from tqdm import tqdm
 
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.modeling import check_model_dir, parse_dtype, resolve_dtype
+from gradalign_common.modeling import check_model_dir, dtype_on
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.selection import get_mode, mode_names
@@ -77,7 +77,7 @@ def _score(
     mode = get_mode(mode_name)
     spec = parse_method(method)
     parse_device(device)
-    dtype = parse_dtype(resolve_dtype(dtype_name, device))
+    dtype = dtype_on(dtype_name, device)
     check_model_dir(model)
     state = read_optimizer_state(optimizer_state) if optimizer_state is not None else None
     if mode.needs_validation and validation_path is None:

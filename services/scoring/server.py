@@ -31,7 +31,7 @@ from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, 
 from gradalign_common.logging_setup import configure_logging, get_logger
 from gradalign_common.pb import common_pb2, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
-from gradalign_common.modeling import checkpoint_fingerprint, parse_dtype, resolve_dtype
+from gradalign_common.modeling import checkpoint_fingerprint, dtype_on
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.selection import ValidationSource, get_mode
 from services.scoring.engine import Preconditioner, ScoringEngine, score_without_gradients
@@ -104,7 +104,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         started = time.perf_counter()
         mode = get_mode(request.mode)
         method = parse_method(request.method or "exact")
-        dtype = parse_dtype(resolve_dtype(request.dtype or self.settings.dtype, self.settings.device))
+        dtype = dtype_on(request.dtype or self.settings.dtype, self.settings.device)
         if mode.needs_gradients and not request.checkpoint:
             raise InvalidInputError(f"mode {mode.name!r} needs a checkpoint")
         if mode.needs_validation and not request.validation_paths:
