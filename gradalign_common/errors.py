@@ -1,4 +1,5 @@
-"""Errors that carry a user-facing message naming what is wrong."""
+"""Errors that carry a user-facing message naming what is wrong (and RequestCancelled, a worker's internal
+signal that its caller went away)."""
 
 
 class InvalidInputError(ValueError):
@@ -16,3 +17,30 @@ class FieldError(InvalidInputError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class RequestConflictError(InvalidInputError):
+    """A request reuses the request_id of an earlier request with a different body: gRPC ALREADY_EXISTS.
+
+    A request_id names one piece of work; answering a changed body under it from (or over) the
+    earlier result would hand the caller output that does not match what it asked for.
+    """
+
+    def __init__(self, request_id: str, where: str):
+        super().__init__(
+            f"request_id {request_id!r} was already used with a different request body for {where}; "
+            "use a new request_id for a changed request"
+        )
+        self.request_id = request_id
+
+
+class WorkerBusyError(Exception):
+    """A worker has no free request slot (gradalign_common.request_gate): gRPC RESOURCE_EXHAUSTED, retry later."""
+
+
+class RequestCancelled(Exception):
+    """The caller cancelled the RPC (or went away) while the worker was busy with it.
+
+    Raised from inside long work (a progress callback, a step loop) so that it stops at the next
+    check; `grpc_utils.rpc_errors` ends the stream quietly. Not a user-facing error.
+    """

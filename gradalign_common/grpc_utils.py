@@ -3,7 +3,12 @@
 - `serve_grpc` starts a server with the standard health service (grpc.health.v1) and a
   Prometheus metrics endpoint, and blocks until SIGTERM/SIGINT.
 - `rpc_errors` maps InvalidInputError -> INVALID_ARGUMENT, NotFoundError -> NOT_FOUND,
-  anything else -> INTERNAL, with the message as detail, for streaming handlers.
+  RequestConflictError -> ALREADY_EXISTS, WorkerBusyError -> RESOURCE_EXHAUSTED, anything
+  else -> INTERNAL, with the message as detail, for streaming handlers; a cancelled call
+  (RequestCancelled raised by the handler, or the stream closed by grpc because the client
+  went away) ends quietly with a `<service>_cancelled` log event; `stop_if_cancelled` raises it.
+- `build_server` sizes its thread pool to the worker's request capacity plus spare threads
+  (gradalign_common.request_gate), so the health service always has a thread.
 - `wait_healthy` polls a server's health service (used by `gradalign up` and tests).
 """
 
@@ -20,7 +25,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from gradalign_common.errors import InvalidInputError, NotFoundError
+from gradalign_common.errors import (
+    InvalidInputError,
+    NotFoundError,
+    RequestCancelled,
+    RequestConflictError,
+    WorkerBusyError,
+)
 from gradalign_common.logging_setup import get_logger
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -47,6 +58,20 @@ def rpc_errors(service: str) -> Callable:
             code = grpc.StatusCode.OK
             try:
                 yield from handler(self, request, context)
+            except GeneratorExit:  # grpc closed the stream at a yield: the client cancelled or went away
+                code = grpc.StatusCode.CANCELLED
+                _log_cancelled(service, method, request, start, "stream closed")
+                raise
+            except RequestCancelled as exc:  # the handler noticed the cancel itself and stopped its work
+                code = grpc.StatusCode.CANCELLED
+                _log_cancelled(service, method, request, start, str(exc))
+                return
+            except WorkerBusyError as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                context.abort(code, str(exc))
+            except RequestConflictError as exc:
+                code = grpc.StatusCode.ALREADY_EXISTS
+                context.abort(code, str(exc))
             except NotFoundError as exc:
                 code = grpc.StatusCode.NOT_FOUND
                 context.abort(code, str(exc))
@@ -69,9 +94,39 @@ def rpc_errors(service: str) -> Callable:
     return decorator
 
 
-def build_server(host: str, port: int, service_names: list[str], max_workers: int = 4) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """Create a server with the health service registered; returns (server, health, bound port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+def stop_if_cancelled(context: grpc.ServicerContext | None, where: str) -> None:
+    """Raise RequestCancelled (ended quietly by rpc_errors) when the caller has cancelled the call.
+
+    Long work calls it between units (slices, batches, steps): grpc itself only notices a cancel
+    when the handler next yields. `where` says how far the work got, for the log. A None context
+    (a servicer called directly, not over gRPC) is never cancelled.
+    """
+    if context is not None and not context.is_active():
+        raise RequestCancelled(where)
+
+
+def _log_cancelled(service: str, method: str, request, start: float, detail: str) -> None:
+    log.info(
+        f"{service}_cancelled", method=method, request_id=getattr(request, "request_id", ""),
+        seconds=round(time.perf_counter() - start, 3), detail=detail,
+    )
+
+
+# threads beyond a worker's request capacity: health checks, and refusing the requests over capacity
+SPARE_THREADS = 4
+
+
+def build_server(
+    host: str, port: int, service_names: list[str], max_workers: int | None = None, *, capacity: int = 1
+) -> tuple[grpc.Server, health.HealthServicer, int]:
+    """Create a server with the health service registered; returns (server, health, bound port).
+
+    The thread pool has `max_workers` threads when given, else `capacity + SPARE_THREADS`: a
+    worker whose RequestGate admits at most `capacity` requests keeps SPARE_THREADS threads free
+    for the health service and for answering RESOURCE_EXHAUSTED to the requests beyond capacity.
+    """
+    threads = max_workers if max_workers is not None else capacity + SPARE_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -23,3 +23,11 @@ class WorkerSettings(BaseSettings):
     device: str = "cpu"
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     log_level: str = "INFO"
+    max_concurrent_requests: int = Field(
+        default=1,
+        ge=1,
+        description="requests this worker takes at once (running, or waiting for the model); any more are refused "
+        "at once with RESOURCE_EXHAUSTED (gradalign_common.request_gate). Must be >= the scheduler's slots setting "
+        "for this service (GRADALIGN_SCHEDULER_ROLLOUT_SLOTS / _SCORING_SLOTS / _TRAINER_SLOTS), or the scheduler's "
+        "extra requests are refused and retried",
+    )

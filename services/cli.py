@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from gradalign_common.settings import DEFAULT_HOME
+from services.bench.cancel import cancel_command
 from services.bench.orchestrator import orchestrator_command
 from services.bench.scheduler import scheduler_command
 from services.scheduler.admin_cli import db_app, token_app
@@ -34,6 +35,7 @@ bench_app.command("scheduler")(scheduler_command)
 bench_app.command("orchestrator")(orchestrator_command)
 bench_app.command("scoring")(scoring_command)
 bench_app.command("quality")(quality_command)
+bench_app.command("cancel")(cancel_command)
 app.command("score", help="Score candidate problems against a validation set (shared/spec/gradalign-score.md).")(score_command)
 
 

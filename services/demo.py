@@ -9,9 +9,9 @@ import httpx
 from tqdm import tqdm
 
 from gradalign_common.tiny_model import build_and_save
+from services.scheduler.status import STAGE_DONE, TERMINAL, ExperimentStatus, StageStatus
 from services.stack import LocalStack, StackConfig, free_port
 
-TERMINAL = ("completed", "failed", "cancelled")
 STAGE_ORDER = ("rollout_train", "rollout_val", "score", "select", "train")
 
 
@@ -53,10 +53,10 @@ def follow(api_url: str, experiment_id: int, poll_s: float = 0.5) -> dict:
         while True:
             exp = client.get(f"/api/v1/experiments/{experiment_id}").json()
             rounds = client.get(f"/api/v1/experiments/{experiment_id}/rounds").json()
-            done = sum(1 for r in rounds for st in r["stages"] if st["status"] in ("succeeded", "skipped"))
+            done = sum(1 for r in rounds for st in r["stages"] if st["status"] in STAGE_DONE)
             bar.update(done - bar.n)
             stage = exp["current_stage"] or "-"
-            live = next((st for r in rounds for st in r["stages"] if st["status"] == "running"), None)
+            live = next((st for r in rounds for st in r["stages"] if st["status"] == StageStatus.RUNNING), None)
             detail = f"{live['progress_done']}/{live['progress_total']} {live['progress_unit'] or ''}" if live and live["progress_total"] else ""
             bar.set_postfix_str(f"round {exp['current_round']} {stage} {detail} {exp['status_detail'] or ''}".strip())
             if exp["status"] in TERMINAL:
@@ -97,4 +97,4 @@ def run_demo(home: Path) -> int:
         exp = follow(config.api_url, resp.json()["id"])
         report(config.api_url, exp)
         print(f"\nresults: database {home / 'scheduler.db'}, artifacts {home / 'artifacts'}, logs {home / 'logs'}")
-        return 0 if exp["status"] == "completed" else 1
+        return 0 if exp["status"] == ExperimentStatus.COMPLETED else 1

@@ -34,7 +34,7 @@ from scheduler_fixtures import experiment_body, make_settings
 from services.scheduler.app import create_app
 from services.scheduler.dashboard import STATIC_DIR
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
-from services.scheduler.schemas import ExperimentCreate
+from services.scheduler.schemas import ExperimentSpec
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -191,7 +191,7 @@ def login(p, token: str = TOKEN) -> None:
 def _create(live: LiveScheduler, model_dir: Path, **overrides) -> int:
     body = experiment_body(model_dir, chunk_size=16, k=4, train_batch_size=4, iters_per_select=4, num_selections=6, n_samples_train=4)
     body.update(overrides)
-    return live.app.state.experiments.create(ExperimentCreate(**body)).id
+    return live.app.state.experiments.create(ExperimentSpec(**body)).id
 
 
 def _problems(artifact_root: Path) -> dict:

@@ -66,8 +66,8 @@ def test_two_rounds_through_separate_processes(tmp_path, tiny_model_dir):
     for r, cands in zip(rounds, candidates):
         assert len(cands) == 16
         # stored scores = the spec computed independently with the checkpoint the round started from
-        train = read_rollouts(store.rollouts_path(exp["id"], r["index"], "rollout_train", 0))
-        val = read_rollouts(store.rollouts_path(exp["id"], r["index"], "rollout_val", 0))
+        train = read_rollouts(store.rollouts_path(exp["uid"], r["index"], "rollout_train", 0))
+        val = read_rollouts(store.rollouts_path(exp["uid"], r["index"], "rollout_val", 0))
         expected = {s.problem_id: s for s in ScoringEngine.from_pretrained(r["checkpoint_in"]).score(train, "sim", val)}
         for c in cands:
             e = expected[c["problem_id"]]
@@ -80,8 +80,8 @@ def test_two_rounds_through_separate_processes(tmp_path, tiny_model_dir):
         assert [c["problem_id"] for c in chosen] == select_top(records, "sim", 4)
 
     # round 1 was scored with round 0's new weights, not the starting ones
-    r1_train = read_rollouts(store.rollouts_path(exp["id"], 1, "rollout_train", 0))
-    r1_val = read_rollouts(store.rollouts_path(exp["id"], 1, "rollout_val", 0))
+    r1_train = read_rollouts(store.rollouts_path(exp["uid"], 1, "rollout_train", 0))
+    r1_val = read_rollouts(store.rollouts_path(exp["uid"], 1, "rollout_val", 0))
     with_start = {s.problem_id: s.score for s in ScoringEngine.from_pretrained(tiny_model_dir).score(r1_train, "sim", r1_val)}
     stored = {c["problem_id"]: c["score"] for c in candidates[1]}
     assert stored != pytest.approx(with_start, abs=1e-5)

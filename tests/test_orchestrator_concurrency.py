@@ -106,7 +106,8 @@ def test_cancelling_a_queued_experiment_frees_its_place(tmp_path, model_dir):
             deadline = time.monotonic() + 30
             while client.get(f"/api/v1/experiments/{first}").json()["current_stage"] != "train" and time.monotonic() < deadline:
                 time.sleep(0.05)
-            second = client.post("/api/v1/experiments", json=_body(model_dir, name="second", seed=1)).json()["id"]
+            created = client.post("/api/v1/experiments", json=_body(model_dir, name="second", seed=1)).json()
+            second, second_uid = created["id"], created["uid"]
             while client.get(f"/api/v1/experiments/{second}").json()["current_stage"] != "train" and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.3)  # the second now waits for the trainer's one slot
@@ -120,4 +121,92 @@ def test_cancelling_a_queued_experiment_frees_its_place(tmp_path, model_dir):
     assert exp_second["status_detail"] is None
     train_stage = next(s for s in rounds[0]["stages"] if s["name"] == "train")
     assert train_stage["status"] == "pending" and train_stage["attempts"] == 0
-    assert not [c for c in calls if c.service == "trainer" and c.experiment == str(second)]
+    assert not [c for c in calls if c.service == "trainer" and c.experiment == second_uid]
+
+
+def _wait_until(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+STAGE_SERVICE = {"rollout_train": "rollout", "score": "scoring", "train": "trainer"}
+
+
+@pytest.mark.parametrize("stage", ["rollout_train", "score", "train"])
+def test_cancel_during_a_stage_stops_the_worker_call_and_frees_it(tmp_path, model_dir, stage):
+    """Cancel while the stage's worker call is running: the scheduler cancels the gRPC call, the worker stops
+    within seconds and writes nothing, the worker's and the scheduler's slots are free, and the stage goes back to
+    pending (a resume runs it again)."""
+    service = STAGE_SERVICE[stage]
+    times = {"rollout_s": 0.05, "scoring_s": 0.05, "train_step_s": 0.05}
+    times[{"rollout": "rollout_s", "scoring": "scoring_s", "trainer": "train_step_s"}[service]] = 60.0
+    with StandInWorkers(capacity=1, **times) as workers:
+        app = create_app(_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", workers, run_orchestrator=True, cancel_poll_s=0.2))
+        with TestClient(app) as client:
+            exp = client.post("/api/v1/experiments", json=_body(model_dir)).json()
+            _wait_until(lambda: workers.gates[service].in_flight() == 1
+                        and client.get(f"/api/v1/experiments/{exp['id']}").json()["current_stage"] == stage, what=f"{stage} in flight")
+            cancelled_at = time.monotonic()
+            assert client.post(f"/api/v1/experiments/{exp['id']}/cancel").status_code == 200
+            _wait_until(lambda: workers.gates[service].in_flight() == 0, timeout=10, what="the worker to stop")
+            latency = time.monotonic() - cancelled_at
+            orch = app.state.orchestrator
+            _wait_until(lambda: not orch._driven(), timeout=10, what="the driver to stop")
+            rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
+            address = workers.addresses[service]
+            assert orch.capacity.busy(service, address) == 0
+        calls = [c for c in workers.log.snapshot() if c.service == service]
+    assert latency < 5.0, latency
+    assert [c.cancelled for c in calls] == [True]
+    store = app.state.orchestrator.store
+    output = {
+        "rollout_train": store.rollouts_path(exp["uid"], 0, "rollout_train", 0),
+        "score": store.scores_path(exp["uid"], 0, 0),
+        "train": store.checkpoint_dir(exp["uid"], 0),
+    }[stage]
+    assert not output.exists()
+    st = next(s for s in rounds[0]["stages"] if s["name"] == stage)
+    assert (st["status"], st["attempts"]) == ("pending", 0)
+
+
+def test_deleting_a_running_experiment_cancels_it_and_removes_its_artifacts(tmp_path, model_dir):
+    with StandInWorkers(capacity=1, rollout_s=0.05, scoring_s=0.05, train_step_s=60.0) as workers:
+        app = create_app(_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", workers, run_orchestrator=True, cancel_poll_s=0.2))
+        with TestClient(app) as client:
+            exp = client.post("/api/v1/experiments", json=_body(model_dir)).json()
+            _wait_until(lambda: workers.gates["trainer"].in_flight() == 1, what="training in flight")
+            exp_dir = app.state.orchestrator.store.experiment_dir(exp["uid"])
+            assert (exp_dir / "rounds").is_dir()
+            assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 204
+            _wait_until(lambda: workers.gates["trainer"].in_flight() == 0, timeout=10, what="the trainer to stop")
+            _wait_until(lambda: not app.state.orchestrator._driven(), timeout=10, what="the driver to stop")
+            assert client.get(f"/api/v1/experiments/{exp['id']}").status_code == 404
+        calls = workers.log.snapshot()
+    assert [c.cancelled for c in calls if c.service == "trainer"] == [True]
+    assert not exp_dir.exists()
+
+
+def test_a_worker_at_capacity_is_retried_not_failed(tmp_path, model_dir):
+    """Two scheduler replicas (each counting its own slots) share workers that admit one request at a time: the
+    request over capacity is answered RESOURCE_EXHAUSTED, queued and retried without counting an attempt."""
+    from gradalign_common.request_gate import REFUSED
+
+    refused_before = sum(REFUSED.labels(s)._value.get() for s in ("rollout", "scoring", "trainer"))
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with StandInWorkers(capacity=1, rollout_s=0.3, scoring_s=0.3, train_step_s=0.3) as workers:
+        common = dict(run_orchestrator=True, max_parallel_experiments=1, retry_backoff_s=0.1, retry_limit=0)
+        a = create_app(_settings(tmp_path, db, workers, replica_id="replica-a", **common))
+        b = create_app(_settings(tmp_path, db, workers, replica_id="replica-b", **common))
+        with TestClient(a) as client_a, TestClient(b):
+            ids = [client_a.post("/api/v1/experiments", json=_body(model_dir, name=f"e{i}", seed=i, num_selections=2)).json()["id"] for i in range(2)]
+            exps = [_wait(client_a, i) for i in ids]
+            rounds = [client_a.get(f"/api/v1/experiments/{i}/rounds").json() for i in ids]
+    refused = sum(REFUSED.labels(s)._value.get() for s in ("rollout", "scoring", "trainer")) - refused_before
+    assert [e["status"] for e in exps] == ["completed", "completed"], exps
+    assert refused > 0  # the replicas did collide on a worker
+    # retry_limit=0: a refusal counted as a failed attempt would have failed the experiment
+    assert all(s["attempts"] == 1 for r in rounds for rnd in r for s in rnd["stages"])

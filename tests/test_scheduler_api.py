@@ -125,13 +125,12 @@ def test_health_and_metrics(client):
 def test_resume_and_delete(client, tiny_model_dir):
     exp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()
     assert client.post(f"/api/v1/experiments/{exp['id']}/resume").status_code == 409  # pending: nothing to resume
-    assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 409  # still queued
     client.post(f"/api/v1/experiments/{exp['id']}/cancel")
     resumed = client.post(f"/api/v1/experiments/{exp['id']}/resume").json()
     assert resumed["status"] == "pending" and resumed["error"] is None
-    client.post(f"/api/v1/experiments/{exp['id']}/cancel")
-    assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 204
+    assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 204  # a queued one is cancelled first
     assert client.get(f"/api/v1/experiments/{exp['id']}").status_code == 404
+    assert client.delete(f"/api/v1/experiments/{exp['id']}").status_code == 404
 
 
 def test_event_stream_delivers_published_events(client):
@@ -234,13 +233,18 @@ def test_export_candidates_as_csv_and_parquet(client, tiny_model_dir):
     assert client.get("/api/v1/experiments/999/candidates.csv").status_code == 404
 
 
-def test_scoring_method_and_dtype_reach_the_score_requests(client, tiny_model_dir):
-    from services.scheduler.orchestrator import scoring_options
+def test_the_stored_spec_parses_back_into_the_typed_spec(client, tiny_model_dir):
+    from services.scheduler.spec import StoredSpec
 
     exp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()
-    assert (exp["config"]["scoring_method"], exp["config"]["scoring_dtype"]) == ("exact", "auto")
-    assert scoring_options(exp["config"]) == ("exact", "")  # "": the scoring service's dtype setting decides
-    body = experiment_body(tiny_model_dir, scoring_method="top-layers", scoring_dtype="bfloat16")
-    exp = client.post("/api/v1/experiments", json=body).json()
-    assert scoring_options(exp["config"]) == ("top-layers-1", "bfloat16")  # the method's name, normalised
-    assert scoring_options({}) == ("exact", "")  # an experiment stored before the fields existed
+    spec = StoredSpec.model_validate(exp["config"])
+    assert (spec.scoring_method, spec.scoring_dtype_request(), spec.max_grad_norm) == ("exact", "", 1.0)
+    assert spec.model == str(tiny_model_dir.resolve()) and spec.train_dataset_path.endswith(".jsonl")
+    body = experiment_body(tiny_model_dir, scoring_method="top-layers", scoring_dtype="bfloat16", max_grad_norm=0.5)
+    spec = StoredSpec.model_validate(client.post("/api/v1/experiments", json=body).json()["config"])
+    assert (spec.scoring_method, spec.scoring_dtype_request(), spec.max_grad_norm) == ("top-layers-1", "bfloat16", 0.5)
+    # an experiment stored before the newer fields existed gets their defaults, from the one model
+    old = {k: v for k, v in exp["config"].items() if k not in ("scoring_method", "scoring_dtype", "priority", "max_grad_norm")}
+    spec = StoredSpec.model_validate(old)
+    assert (spec.scoring_method, spec.scoring_dtype, spec.priority, spec.max_grad_norm) == ("exact", "auto", 1.0, 1.0)
+    assert client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, max_grad_norm=0)).status_code == 422

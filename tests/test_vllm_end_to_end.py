@@ -62,5 +62,5 @@ def test_two_rounds_with_the_vllm_rollout_backend(tmp_path, tiny_model_dir):
 
     store = ArtifactStore(config.home / "artifacts")
     for r in rounds:
-        train = read_rollouts(store.rollouts_path(exp["id"], r["index"], "rollout_train", 0))
+        train = read_rollouts(store.rollouts_path(exp["uid"], r["index"], "rollout_train", 0))
         assert len(train) == 16 * 4 and all(x.reward in (0.0, 1.0) for x in train)

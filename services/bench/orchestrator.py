@@ -131,7 +131,7 @@ def orchestrator_command(
     typer.echo(f"  side by side      : {parallel.wall_s:7.2f} s   = {figures['ratio']:.2f}x the serial time")
     typer.echo(f"  floor (busiest worker's total work): {floor:.2f} s; side by side = {figures['side_by_side_over_floor']:.2f}x the floor")
     for svc, per in sorted(shares.items()):
-        typer.echo(f"  {svc:8s} share per experiment: " + ", ".join(f"{exp}: {share:.2f}" for exp, share in per.items()))
+        typer.echo(f"  {svc:8s} share per experiment: " + ", ".join(f"{exp[:8]}: {share:.2f}" for exp, share in per.items()))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(figures, indent=2) + "\n")

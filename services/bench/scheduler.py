@@ -72,7 +72,7 @@ def scheduler_command(
     from services.scheduler.db import Candidate, Experiment, PoolProblem, Round
     from services.scheduler.experiments import ExperimentService
     from services.scheduler.events import InProcessEventBus
-    from services.scheduler.schemas import ExperimentCreate
+    from services.scheduler.schemas import ExperimentSpec
     from services.scheduler.settings import SchedulerSettings
 
     results: dict = {}
@@ -87,7 +87,7 @@ def scheduler_command(
 
         # ---- ingest ---------------------------------------------------------------------
         pool_file = _pool_parquet(tmp / "pool.parquet", pool_size)
-        body = ExperimentCreate(
+        body = ExperimentSpec(
             model=str(model_dir), train_dataset=str(pool_file), val_dataset="arith-val", chunk_size=1024, k=4,
             num_selections=1, train_batch_size=256, iters_per_select=1,
         )

@@ -4,22 +4,25 @@ directory) so the real orchestrator runs its real rounds against them.
 
 Each servicer logs every call it served (request id, experiment, start, end) so a benchmark or a
 test can tell what overlapped, how much worker time each experiment got, and whether a stage ran
-twice. A call stops early (and writes nothing) when the client cancels it. Used by
+twice. A call stops early (writes nothing, and is logged as cancelled) when the client cancels it.
+With `capacity`, each server admits that many calls at once and refuses more with
+RESOURCE_EXHAUSTED, like the real workers (gradalign_common.request_gate). Used by
 `gradalign bench orchestrator` and tests/test_orchestrator_concurrency.py; never by the product.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from gradalign_common.grpc_utils import build_server, mark_serving
+from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.pb import training_pb2, training_pb2_grpc
 from gradalign_common.records import RolloutRecord, group_rollouts, read_problems, read_rollouts, write_rollouts
+from gradalign_common.request_gate import RequestGate
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Call:
     request_id: str
     started: float
     ended: float
+    cancelled: bool = False  # the client cancelled it: it stopped at `ended` and wrote nothing
 
     @property
     def experiment(self) -> str:
@@ -52,6 +56,10 @@ class CallLog:
             return list(self.calls)
 
 
+def _admit(gate: RequestGate | None):
+    return gate.slot() if gate is not None else contextlib.nullcontext()
+
+
 def _sleep(seconds: float, context) -> bool:
     """Sleep `seconds` in small steps; False as soon as the client cancelled the call."""
     deadline = time.monotonic() + seconds
@@ -65,13 +73,19 @@ def _sleep(seconds: float, context) -> bool:
 class StandInRollout(rollout_pb2_grpc.RolloutServiceServicer):
     """Generate: n responses per problem, alternating rewards (so no group has zero advantage)."""
 
-    def __init__(self, seconds: float, log: CallLog):
-        self.seconds, self.log = seconds, log
+    def __init__(self, seconds: float, log: CallLog, gate: RequestGate | None = None):
+        self.seconds, self.log, self.gate = seconds, log, gate
 
+    @rpc_errors("rollout")
     def Generate(self, request, context):
+        with _admit(self.gate):
+            yield from self._generate(request, context)
+
+    def _generate(self, request, context):
         started = time.monotonic()
         problems = read_problems(request.problems_path)
         if not _sleep(self.seconds, context):
+            self.log.add(Call("rollout", request.request_id, started, time.monotonic(), cancelled=True))
             return
         n = max(1, request.sampling.n)
         records = [
@@ -98,13 +112,19 @@ class StandInRollout(rollout_pb2_grpc.RolloutServiceServicer):
 class StandInScoring(scoring_pb2_grpc.ScoringServiceServicer):
     """Score: a deterministic score per candidate problem (from its id)."""
 
-    def __init__(self, seconds: float, log: CallLog):
-        self.seconds, self.log = seconds, log
+    def __init__(self, seconds: float, log: CallLog, gate: RequestGate | None = None):
+        self.seconds, self.log, self.gate = seconds, log, gate
 
+    @rpc_errors("scoring")
     def Score(self, request, context):
+        with _admit(self.gate):
+            yield from self._score(request, context)
+
+    def _score(self, request, context):
         started = time.monotonic()
         groups = group_rollouts(r for path in request.candidate_paths for r in read_rollouts(path))
         if not _sleep(self.seconds, context):
+            self.log.add(Call("scoring", request.request_id, started, time.monotonic(), cancelled=True))
             return
         for pid, group in groups.items():
             yield scoring_pb2.ScoreEvent(
@@ -122,14 +142,20 @@ class StandInScoring(scoring_pb2_grpc.ScoringServiceServicer):
 class StandInTrainer(training_pb2_grpc.TrainerServiceServicer):
     """Train: one sleep per step, step metrics streamed, then an (empty) checkpoint directory."""
 
-    def __init__(self, seconds_per_step: float, log: CallLog):
-        self.seconds_per_step, self.log = seconds_per_step, log
+    def __init__(self, seconds_per_step: float, log: CallLog, gate: RequestGate | None = None):
+        self.seconds_per_step, self.log, self.gate = seconds_per_step, log, gate
 
+    @rpc_errors("trainer")
     def Train(self, request, context):
+        with _admit(self.gate):
+            yield from self._train(request, context)
+
+    def _train(self, request, context):
         started = time.monotonic()
         steps = max(1, request.hyperparams.steps)
         for step in range(1, steps + 1):
             if not _sleep(self.seconds_per_step, context):
+                self.log.add(Call("trainer", request.request_id, started, time.monotonic(), cancelled=True))
                 return
             yield training_pb2.TrainEvent(step=training_pb2.StepMetrics(step=step, loss=0.0))
         out = Path(request.output_checkpoint)
@@ -148,15 +174,23 @@ class StandInWorkers:
     rollout_s: float = 0.5
     scoring_s: float = 0.3
     train_step_s: float = 0.3
+    capacity: int | None = None  # requests each server admits at once; None: no limit
     log: CallLog = field(default_factory=CallLog)
     servers: list = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)
+    gates: dict[str, RequestGate] = field(default_factory=dict)
 
     def __enter__(self) -> "StandInWorkers":
+        def gate(role: str) -> RequestGate | None:
+            if not self.capacity:
+                return None
+            self.gates[role] = RequestGate(role, self.capacity)
+            return self.gates[role]
+
         for role, name, add, servicer in (
-            ("rollout", "gradalign.v1.RolloutService", rollout_pb2_grpc.add_RolloutServiceServicer_to_server, StandInRollout(self.rollout_s, self.log)),
-            ("scoring", "gradalign.v1.ScoringService", scoring_pb2_grpc.add_ScoringServiceServicer_to_server, StandInScoring(self.scoring_s, self.log)),
-            ("trainer", "gradalign.v1.TrainerService", training_pb2_grpc.add_TrainerServiceServicer_to_server, StandInTrainer(self.train_step_s, self.log)),
+            ("rollout", "gradalign.v1.RolloutService", rollout_pb2_grpc.add_RolloutServiceServicer_to_server, StandInRollout(self.rollout_s, self.log, gate("rollout"))),
+            ("scoring", "gradalign.v1.ScoringService", scoring_pb2_grpc.add_ScoringServiceServicer_to_server, StandInScoring(self.scoring_s, self.log, gate("scoring"))),
+            ("trainer", "gradalign.v1.TrainerService", training_pb2_grpc.add_TrainerServiceServicer_to_server, StandInTrainer(self.train_step_s, self.log, gate("trainer"))),
         ):
             server, health, port = build_server("127.0.0.1", 0, [name], max_workers=16)
             add(servicer, server)

@@ -11,7 +11,13 @@ progress event is streamed and the slice's rewards are scored in the background 
 in a process pool, model-judged data sources by the judge, concurrently) while the next slice
 generates. The shard (problem id, prompt and response token ids, text, finish reason, reward,
 correct) is written atomically to the requested path in problem order, so a retried request
-(same idempotency key and path) overwrites it; the result carries per-problem stats.
+(same idempotency key and path) overwrites it; the result carries per-problem stats. Beside it,
+`<output_path>.request.json` records the request id and body fingerprint; a request reusing that
+id with a different body is refused with ALREADY_EXISTS (gradalign_common.request_identity).
+
+Capacity and cancel: at most settings.max_concurrent_requests requests are admitted at once, any
+more get RESOURCE_EXHAUSTED (gradalign_common.request_gate). A cancelled call stops before the
+next slice (or at the next progress event), releases the model lock and writes nothing.
 
 Errors name what is wrong: INVALID_ARGUMENT (bad sampling, empty batch, unknown data_source,
 prompt + max_tokens over max_model_len), NOT_FOUND (problems file, checkpoint),
@@ -34,13 +40,15 @@ from prometheus_client import Counter
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.generation import Sampling, batch_seed, length_sorted_batches, problem_text, prompt_token_ids
-from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled
+from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
 from gradalign_common.judge import JudgeConfig, JudgeError, JudgeUnavailableError, ModelJudge
 from gradalign_common.logging_setup import configure_logging, get_logger
 from gradalign_common.modeling import configure_torch_threads
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
 from gradalign_common.prompts import render_prompt
 from gradalign_common.records import Problem, RolloutRecord, read_problems, write_rollouts
+from gradalign_common.request_gate import RequestGate
+from gradalign_common.request_identity import check_request, record_request, request_fingerprint
 from gradalign_common.rewards import JudgeRequiredError, RewardItem, get_reward_fn, is_heavy, is_judged, score_batch
 from services.rollout.backends import RolloutBackend, Sample, create_backend
 from services.rollout.settings import RolloutSettings
@@ -117,6 +125,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.judge = judge if judge is not None else judge_from_settings(settings)
         self.judge_sources = frozenset(settings.judge_data_sources)
         self.lock = threading.Lock()  # one request uses the model at a time; a swap cannot interleave
+        self.gate = RequestGate("rollout", settings.max_concurrent_requests)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -154,7 +163,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @rpc_errors("rollout")
     def Generate(self, request: rollout_pb2.GenerateRequest, context: grpc.ServicerContext):
         try:
-            yield from self._generate(request)
+            with self.gate.slot():
+                yield from self._generate(request, context)
         except JudgeRequiredError as exc:
             _fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except JudgeUnavailableError as exc:
@@ -162,13 +172,15 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         except JudgeError as exc:
             _fail(context, grpc.StatusCode.INTERNAL, f"model judge error: {exc}")
 
-    def _generate(self, request: rollout_pb2.GenerateRequest):
+    def _generate(self, request: rollout_pb2.GenerateRequest, context: grpc.ServicerContext):
         if not request.checkpoint:
             raise InvalidInputError("checkpoint is required")
         if not request.problems_path:
             raise InvalidInputError("problems_path is required")
         if not request.output_path:
             raise InvalidInputError("output_path is required")
+        fingerprint = request_fingerprint(request)
+        check_request(request.output_path, request.request_id, fingerprint)
         sampling = sampling_from_proto(request.sampling)
         if sampling.max_tokens >= self.settings.max_model_len:
             raise InvalidInputError(
@@ -213,6 +225,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 done = 0
                 per_prompt = getattr(self.backend, "seeds_per_prompt", False)
                 for k, idx in enumerate(length_sorted_batches([len(x) for x in ids], self.settings.batch_size)):
+                    stop_if_cancelled(context, f"{done} of {total} problems generated")
                     # a backend that seeds each prompt from the request's seed gets that seed for every slice
                     seed = sampling.seed if per_prompt else batch_seed(sampling.seed, k)
                     slice_sampling = Sampling(**{**sampling.__dict__, "seed": seed})
@@ -238,8 +251,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             for _, f in scored:
                 f.cancel()
             scorer.shutdown(wait=False, cancel_futures=True)
+        stop_if_cancelled(context, f"{done} of {total} problems generated")  # cancelled late: no shard
         records = _records(problems, ids, samples, rewards)
         write_rollouts(request.output_path, records)
+        record_request(request.output_path, request.request_id, fingerprint)
         compute = time.perf_counter() - start
         stats = problem_stats(records)
         n_tokens = sum(len(r.response_ids) for r in records)
@@ -303,7 +318,9 @@ def problem_stats(records) -> list[common_pb2.ProblemStats]:
 
 
 def create_server(settings: RolloutSettings, servicer: RolloutServicer | None = None):
-    server, health, port = build_server(settings.host, settings.port, [SERVICE_NAME])
+    server, health, port = build_server(
+        settings.host, settings.port, [SERVICE_NAME], capacity=settings.max_concurrent_requests
+    )
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer or RolloutServicer(settings), server)
     return server, health, port
 

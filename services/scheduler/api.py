@@ -21,13 +21,14 @@ from services.scheduler.auth import require_reader, require_writer
 from services.scheduler.dataset_service import DatasetService, UploadTooLarge
 from services.scheduler.events import iter_events
 from services.scheduler.experiments import ExperimentService
+from services.scheduler.status import ExperimentStatus
 from services.scheduler.schemas import (
     CandidateList,
     CandidateOut,
     DatasetMix,
     DatasetOut,
     DatasetRegister,
-    ExperimentCreate,
+    ExperimentSpec,
     ExperimentList,
     ErrorOut,
     ExperimentOut,
@@ -57,14 +58,14 @@ def _service(request: Request) -> ExperimentService:
 
 
 @write.post("/api/v1/experiments", status_code=201, response_model=ExperimentOut, tags=["experiments"])
-def create_experiment(body: ExperimentCreate, request: Request) -> ExperimentOut:
+def create_experiment(body: ExperimentSpec, request: Request) -> ExperimentOut:
     return ExperimentOut.model_validate(_service(request).create(body))
 
 
 @read.get("/api/v1/experiments", response_model=ExperimentList, tags=["experiments"])
 def list_experiments(
     request: Request,
-    status: str | None = Query(default=None, pattern="^(pending|running|completed|failed|cancelled)$"),
+    status: ExperimentStatus | None = Query(default=None),
     offset: int = Query(default=0, ge=0, le=2**31 - 1),
     limit: int = Query(default=50, ge=1, le=500),
 ) -> ExperimentList:

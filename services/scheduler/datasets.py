@@ -12,6 +12,8 @@ BUILTIN_DATASETS = {"arith-train": "train", "arith-val": "val", "arith-test": "t
 
 def check_under_data_root(path: str | Path, data_root: Path | None, artifact_root: Path) -> Path:
     """The resolved path (symlinks and '..' resolved) if it lies under data_root or artifact_root."""
+    if "\x00" in str(path):
+        raise InvalidInputError("the path contains a NUL byte")
     resolved = Path(path).expanduser().resolve()
     if data_root is not None and not any(
         resolved.is_relative_to(Path(root).expanduser().resolve()) for root in (data_root, artifact_root)

@@ -7,6 +7,7 @@ candidates, never with responses or tokens (ARCHITECTURE.md).
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,24 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, dt.datetime: DateTime(timezone=True)}
 
 
 class Experiment(Base):
     __tablename__ = "experiments"
+    __table_args__ = (UniqueConstraint("uid", name="uq_experiments_uid"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    # never reused (SQLite hands a deleted row's id to the next one): keys the artifact directory and every
+    # worker request id, so no experiment can meet another's outputs
+    uid: Mapped[str] = mapped_column(String(36), default=new_uid)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20), index=True)  # pending|running|completed|failed|cancelled
+    status: Mapped[str] = mapped_column(String(20), index=True)  # services.scheduler.status.ExperimentStatus
     config: Mapped[dict[str, Any]]
     current_round: Mapped[int] = mapped_column(Integer, default=0)
     current_stage: Mapped[str | None] = mapped_column(String(40), nullable=True)
@@ -78,7 +87,7 @@ class Round(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
     index: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20))  # running|completed|failed
+    status: Mapped[str] = mapped_column(String(20))  # services.scheduler.status.RoundStatus
     checkpoint_in: Mapped[str] = mapped_column(Text)
     checkpoint_out: Mapped[str | None] = mapped_column(Text, nullable=True)
     validation_reward: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -99,7 +108,7 @@ class Stage(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(40))
-    status: Mapped[str] = mapped_column(String(20))  # pending|running|succeeded|failed|skipped
+    status: Mapped[str] = mapped_column(String(20))  # services.scheduler.status.StageStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     progress_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import sessionmaker
 
+from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.datasets import load_problems
 from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
+from gradalign_common.logging_setup import get_logger
 from gradalign_common.modeling import check_model_dir
 from gradalign_common.records import read_rollouts
 from services.scheduler.bulk import insert_pool
 from services.scheduler.datasets import resolve_dataset
 from services.scheduler.db import Candidate, Dataset, Experiment, PoolProblem, Round, TrainStep, utcnow
 from services.scheduler.events import EventBus
-from services.scheduler.schemas import ExperimentCreate
 from services.scheduler.settings import SchedulerSettings
+from services.scheduler.spec import ExperimentSpec, StoredSpec
+from services.scheduler.status import ACTIVE, TERMINAL, ExperimentStatus, StageStatus
 
-TERMINAL = ("completed", "failed", "cancelled")
+log = get_logger("gradalign.experiments")
 
 
 class ExperimentService:
     def __init__(self, settings: SchedulerSettings, sessions: sessionmaker, bus: EventBus):
         self.settings, self.sessions, self.bus = settings, sessions, bus
+        self.store = ArtifactStore(settings.artifact_root)
 
-    def create(self, body: ExperimentCreate) -> Experiment:
+    def create(self, body: ExperimentSpec) -> Experiment:
         """Validate what needs the file system (model, datasets, pool size), then store in one transaction."""
         try:
             model_dir = check_model_dir(body.model)
@@ -37,12 +42,15 @@ class ExperimentService:
             raise FieldError("chunk_size", f"chunk_size={body.chunk_size} is larger than the {len(pool)} problems of train_dataset")
         order = [p.problem_id for p in pool]
         random.Random(body.seed).shuffle(order)
-        config = body.model_dump()
-        config["model"] = str(model_dir)
-        config["train_dataset_path"], config["val_dataset_path"] = str(train_path), str(val_path)
+        stored = StoredSpec(
+            **{**body.model_dump(), "model": str(model_dir)},
+            train_dataset_path=str(train_path),
+            val_dataset_path=str(val_path),
+        )
         with self.sessions() as s:
             exp = Experiment(
-                name=body.name, status="pending", config=config, checkpoint=str(model_dir), pool_size=len(order)
+                name=body.name, status=ExperimentStatus.PENDING, config=stored.model_dump(mode="json"),
+                checkpoint=str(model_dir), pool_size=len(order),
             )
             s.add(exp)
             s.flush()
@@ -84,7 +92,7 @@ class ExperimentService:
                 raise NotFoundError(f"experiment {exp_id} not found")
             if exp.status in TERMINAL:
                 raise InvalidInputError(f"experiment {exp_id} is already {exp.status}")
-            exp.status, exp.finished_at, exp.current_stage, exp.status_detail = "cancelled", utcnow(), None, None
+            exp.status, exp.finished_at, exp.current_stage, exp.status_detail = ExperimentStatus.CANCELLED, utcnow(), None, None
             s.commit()
         self.bus.publish({"type": "experiment_cancelled", "experiment_id": exp_id})
         return exp
@@ -95,30 +103,36 @@ class ExperimentService:
             exp = s.get(Experiment, exp_id)
             if exp is None:
                 raise NotFoundError(f"experiment {exp_id} not found")
-            if exp.status not in ("failed", "cancelled"):
+            if exp.status not in (ExperimentStatus.FAILED, ExperimentStatus.CANCELLED):
                 raise InvalidInputError(f"experiment {exp_id} is {exp.status}; only failed or cancelled experiments resume")
-            exp.status, exp.error, exp.finished_at, exp.status_detail = "running" if exp.started_at else "pending", None, None, None
+            exp.status = ExperimentStatus.RUNNING if exp.started_at else ExperimentStatus.PENDING
+            exp.error, exp.finished_at, exp.status_detail = None, None, None
             exp.lease_owner, exp.lease_expires_at = None, None
             rnd = s.scalar(select(Round).where(Round.experiment_id == exp_id, Round.index == exp.current_round))
             if rnd is not None:
                 for st in rnd.stages:
-                    if st.status in ("failed", "running"):
-                        st.status, st.attempts = "pending", 0
+                    if st.status in (StageStatus.FAILED, StageStatus.RUNNING):
+                        st.status, st.attempts = StageStatus.PENDING, 0
             s.commit()
         self.bus.publish({"type": "experiment_resumed", "experiment_id": exp_id})
         return exp
 
     def delete(self, exp_id: int) -> None:
-        """Delete an ended experiment's rows (its artifacts stay in the store)."""
+        """Delete an experiment: its rows and its artifacts. A running one is cancelled first (the orchestrator
+        driving it cancels its in-flight worker calls when it sees the experiment gone)."""
         with self.sessions() as s:
             exp = s.get(Experiment, exp_id)
             if exp is None:
                 raise NotFoundError(f"experiment {exp_id} not found")
-            if exp.status not in TERMINAL:
-                raise InvalidInputError(f"experiment {exp_id} is {exp.status}; cancel it before deleting")
+            if exp.status in ACTIVE:
+                exp.status, exp.finished_at, exp.current_stage, exp.status_detail = ExperimentStatus.CANCELLED, utcnow(), None, None
+                s.commit()
+                self.bus.publish({"type": "experiment_cancelled", "experiment_id": exp_id})
+            uid = exp.uid
             s.execute(delete(PoolProblem).where(PoolProblem.experiment_id == exp_id))
             s.delete(exp)
             s.commit()
+        remove_experiment_artifacts(self.store, uid)
         self.bus.publish({"type": "experiment_deleted", "experiment_id": exp_id})
 
     def rounds(self, exp_id: int) -> list[Round]:
@@ -186,7 +200,7 @@ class ExperimentService:
                 raise NotFoundError(f"problem {problem_id!r} is not a candidate of round {index}")
             stage = next((st for st in rnd.stages if st.name == "rollout_train"), None)
             paths = (stage.result or {}).get("paths", []) if stage else []
-        pool = load_problems(exp.config["train_dataset_path"])
+        pool = load_problems(StoredSpec.model_validate(exp.config).train_dataset_path)
         problem = next((p for p in pool if p.problem_id == problem_id), None)
         responses = [
             {"text": r.text, "reward": r.reward, "correct": r.correct, "n_tokens": len(r.response_ids), "finish_reason": r.finish_reason}
@@ -206,3 +220,18 @@ class ExperimentService:
             "rank": cand.rank,
             "responses": responses,
         }
+
+
+def remove_experiment_artifacts(store: ArtifactStore, uid: str) -> None:
+    """Delete the artifact directory of experiment `uid`: renamed aside (atomic), then removed. Safe to repeat."""
+    directory = store.experiment_dir(uid)
+    if not directory.exists():
+        return
+    trash = store.root / "trash" / f"{uid}-{random.getrandbits(32):08x}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.rename(trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+    log.info("experiment_artifacts_removed", uid=uid, path=str(directory))

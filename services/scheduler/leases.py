@@ -16,8 +16,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.orm import sessionmaker
 
 from services.scheduler.db import Experiment, utcnow
-
-ACTIVE = ("pending", "running")
+from services.scheduler.status import ACTIVE
 
 
 class Lease(Protocol):

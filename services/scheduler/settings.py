@@ -41,6 +41,10 @@ class SchedulerSettings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, ge=0, description="first backoff; doubles up to retry_backoff_max_s")
     retry_backoff_max_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=0.5, gt=0)
+    cancel_poll_s: float = Field(
+        default=0.5, gt=0, description="how often the experiments being driven are checked for a cancel or delete "
+        "(from any replica); their in-flight worker calls are then cancelled"
+    )
     max_parallel_experiments: int = Field(
         default=8, ge=1, description="experiments this replica advances at the same time (each in its own thread)"
     )

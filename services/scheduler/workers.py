@@ -1,13 +1,20 @@
 """gRPC clients of the rollout, scoring and trainer services, as the orchestrator uses them.
 
 Each call has a deadline. UNAVAILABLE / DEADLINE_EXCEEDED become WorkerUnavailable
-(retried by the orchestrator with backoff); INVALID_ARGUMENT / NOT_FOUND become
-WorkerRejected (not retried: the experiment fails with the worker's message).
+(retried by the orchestrator with backoff); RESOURCE_EXHAUSTED (the replica is at capacity,
+e.g. serving another scheduler replica) becomes WorkerBusy (queued and retried, not counted
+as a failed attempt); INVALID_ARGUMENT / NOT_FOUND / ALREADY_EXISTS become WorkerRejected
+(not retried: the experiment fails with the worker's message).
+
+Every call runs inside a `CallScope`, the live calls of one experiment: `scope.cancel()`
+cancels them on the wire (the worker sees the client go and stops between batches or steps)
+and makes them raise CallCancelled; a cancelled scope refuses new calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import grpc
@@ -16,7 +23,7 @@ from gradalign_common.grpc_utils import channel
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.pb import training_pb2, training_pb2_grpc
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class WorkerError(Exception):
@@ -29,11 +36,51 @@ class WorkerUnavailable(WorkerError):
     """The worker could not be reached or timed out: retry later."""
 
 
+class WorkerBusy(WorkerUnavailable):
+    """The worker is at capacity (RESOURCE_EXHAUSTED): queue and retry, it is not a failure."""
+
+
 class WorkerRejected(WorkerError):
     """The worker refused the request (bad input) or failed internally: do not retry blindly."""
 
 
+class CallCancelled(Exception):
+    """The call was cancelled by its scope (the experiment was cancelled or deleted, its lease lost)."""
+
+
 ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class CallScope:
+    """The live worker calls of one experiment, so that they can be cancelled together."""
+
+    reason: str | None = None  # why the scope was cancelled; None while it is live
+    _calls: set = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason is not None
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    def add(self, call) -> None:
+        with self._lock:
+            if self.reason is not None:
+                call.cancel()
+                raise CallCancelled(self.reason)
+            self._calls.add(call)
+
+    def discard(self, call) -> None:
+        with self._lock:
+            self._calls.discard(call)
 
 
 @dataclass
@@ -41,21 +88,37 @@ class WorkerCall:
     service: str
     address: str
     deadline_s: float
+    scope: CallScope | None = None
 
     def stream(self, open_stream: Callable[[grpc.Channel], Iterator]) -> Iterator:
+        scope = self.scope or CallScope()
+        call = None
         try:
             with channel(self.address) as ch:
-                yield from open_stream(ch)
+                call = open_stream(ch)
+                scope.add(call)
+                yield from call
         except grpc.RpcError as exc:
             code, detail = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.CANCELLED and scope.cancelled:
+                raise CallCancelled(scope.reason) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise WorkerBusy(self.service, self.address, code, detail) from None
             cls = WorkerUnavailable if code in RETRYABLE else WorkerRejected
             raise cls(self.service, self.address, code, detail) from None
+        finally:
+            if call is not None:
+                scope.discard(call)
 
 
 def generate(
-    address: str, deadline_s: float, request: rollout_pb2.GenerateRequest, progress: ProgressFn | None = None
+    address: str,
+    deadline_s: float,
+    request: rollout_pb2.GenerateRequest,
+    progress: ProgressFn | None = None,
+    scope: CallScope | None = None,
 ) -> rollout_pb2.GenerateResult:
-    call = WorkerCall("rollout", address, deadline_s)
+    call = WorkerCall("rollout", address, deadline_s, scope)
     result = None
     for event in call.stream(lambda ch: rollout_pb2_grpc.RolloutServiceStub(ch).Generate(request, timeout=deadline_s)):
         if event.HasField("progress") and progress:
@@ -68,9 +131,13 @@ def generate(
 
 
 def score(
-    address: str, deadline_s: float, request: scoring_pb2.ScoreRequest, progress: ProgressFn | None = None
+    address: str,
+    deadline_s: float,
+    request: scoring_pb2.ScoreRequest,
+    progress: ProgressFn | None = None,
+    scope: CallScope | None = None,
 ) -> tuple[list[scoring_pb2.ProblemScore], scoring_pb2.ScoreSummary]:
-    call = WorkerCall("scoring", address, deadline_s)
+    call = WorkerCall("scoring", address, deadline_s, scope)
     scores, summary = [], None
     for event in call.stream(lambda ch: scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=deadline_s)):
         if event.HasField("progress") and progress:
@@ -89,8 +156,9 @@ def train(
     deadline_s: float,
     request: training_pb2.TrainRequest,
     on_step: Callable[[training_pb2.StepMetrics], None] | None = None,
+    scope: CallScope | None = None,
 ) -> training_pb2.TrainResult:
-    call = WorkerCall("trainer", address, deadline_s)
+    call = WorkerCall("trainer", address, deadline_s, scope)
     result = None
     for event in call.stream(lambda ch: training_pb2_grpc.TrainerServiceStub(ch).Train(request, timeout=deadline_s)):
         if event.HasField("step") and on_step:

@@ -12,6 +12,13 @@ For align (validation = the candidates' own rollouts) a sharded round passes eve
 shard's candidate files as validation_paths, so each shard uses the whole round's g_V
 and sharded scores equal single-replica ones; without validation_paths the request's
 own candidates form g_V.
+
+Capacity, cancel and identity: at most settings.max_concurrent_requests requests are admitted at
+once, any more get RESOURCE_EXHAUSTED (gradalign_common.request_gate). A cancelled call stops
+within a batch of the validation gradient or at its next score event, releases the model lock and
+writes no scores file. Beside `output_path`, `<output_path>.request.json` records the request id
+and body fingerprint; a request reusing that id with a different body is refused with
+ALREADY_EXISTS (gradalign_common.request_identity).
 """
 
 from __future__ import annotations
@@ -20,17 +27,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
 import torch
 from grpc_health.v1 import health
 
 from gradalign_common.errors import InvalidInputError, NotFoundError
-from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled
+from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
 from gradalign_common.logging_setup import configure_logging, get_logger
 from gradalign_common.pb import common_pb2, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
+from gradalign_common.request_gate import RequestGate
+from gradalign_common.request_identity import check_request, record_request, request_fingerprint
 from gradalign_common.modeling import checkpoint_fingerprint, dtype_on
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.selection import ValidationSource, get_mode
@@ -95,12 +104,17 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def __init__(self, settings: ScoringSettings):
         self.settings = settings
         self._lock = threading.Lock()  # one model-using request at a time
+        self.gate = RequestGate("scoring", settings.max_concurrent_requests)
         self._loaded: _LoadedModel | None = None
         self._validation_cache: _CachedValidationGradient | None = None
         self._preconditioner_cache: _CachedPreconditioner | None = None
 
     @rpc_errors("scoring")
     def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext) -> Iterator[scoring_pb2.ScoreEvent]:
+        with self.gate.slot():
+            yield from self._score(request, context)
+
+    def _score(self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext) -> Iterator[scoring_pb2.ScoreEvent]:
         started = time.perf_counter()
         mode = get_mode(request.mode)
         method = parse_method(request.method or "exact")
@@ -109,6 +123,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             raise InvalidInputError(f"mode {mode.name!r} needs a checkpoint")
         if mode.needs_validation and not request.validation_paths:
             raise InvalidInputError(f"mode {mode.name!r} needs validation_paths")
+        fingerprint = request_fingerprint(request)
+        if request.output_path:
+            check_request(request.output_path, request.request_id, fingerprint)
         candidates = read_all_rollouts(request.candidate_paths, "candidate")
         total = len(group_rollouts(candidates))
         yield _progress_event(0, total)
@@ -123,12 +140,18 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         else:
             with self._lock:
                 engine = self._engine(request.checkpoint, dtype)
+                stop_if_cancelled(context, "after loading the checkpoint")
                 preconditioner = self._preconditioner(engine, request.optimizer_state_path)
                 g_v = None
                 if mode.needs_validation or (
                     mode.validation is ValidationSource.CANDIDATES and request.validation_paths
                 ):
-                    g_v, cached = self._validation_gradient(request.validation_paths, method, preconditioner)
+                    g_v, cached = self._validation_gradient(
+                        request.validation_paths, method, preconditioner,
+                        progress=lambda done, total: stop_if_cancelled(
+                            context, f"validation gradient: {done} of {total} groups"
+                        ),
+                    )
                 for record in engine.score(
                     candidates, mode, validation_gradient=g_v, method=method, preconditioner=preconditioner,
                     seed=request.seed,
@@ -137,8 +160,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                     yield _score_event(record)
                     yield _progress_event(len(scores), total)
 
+        stop_if_cancelled(context, f"{len(scores)} of {total} groups scored")  # cancelled late: no scores file
         if request.output_path:
             write_scores_jsonl(request.output_path, scores)
+            record_request(request.output_path, request.request_id, fingerprint)
         seconds = time.perf_counter() - started
         log.info("scored", request_id=request.request_id, mode=mode.name, method=method.name, n_problems=len(scores),
                  seconds=round(seconds, 3), validation_gradient_cached=cached)
@@ -178,9 +203,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         return preconditioner
 
     def _validation_gradient(
-        self, paths: Sequence[str], method: MethodSpec, preconditioner: Preconditioner | None
+        self, paths: Sequence[str], method: MethodSpec, preconditioner: Preconditioner | None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple[torch.Tensor, bool]:
-        """(g_V, whether it came from the cache) of the loaded model for the validation rollouts in `paths`."""
+        """(g_V, whether it came from the cache) of the loaded model for the validation rollouts in `paths`;
+        `progress(done, total)` is called after each batch of groups (it may raise RequestCancelled to stop)."""
         assert self._loaded is not None, "load the checkpoint first"
         key = (
             self._loaded.fingerprint,
@@ -192,7 +219,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             return self._validation_cache.gradient, True
         self._validation_cache = None
         gradient = self._loaded.engine.validation_gradient(
-            read_all_rollouts(paths, "validation"), method=method, preconditioner=preconditioner
+            read_all_rollouts(paths, "validation"), progress, method=method, preconditioner=preconditioner
         )
         self._validation_cache = _CachedValidationGradient(key, gradient)
         return gradient, False
@@ -214,12 +241,17 @@ def _score_event(record: ScoreRecord) -> scoring_pb2.ScoreEvent:
     )
 
 
-def start_server(settings: ScoringSettings) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """Build and start a server with the ScoringService and health service; returns (server, health, bound port)."""
+def start_server(
+    settings: ScoringSettings, servicer: ScoringServicer | None = None
+) -> tuple[grpc.Server, health.HealthServicer, int]:
+    """Build and start a server with the ScoringService (`servicer`, or a new one) and health service;
+    returns (server, health, bound port)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    server, health_servicer, port = build_server(settings.host, settings.port, [SERVICE_NAME])
-    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(settings), server)
+    server, health_servicer, port = build_server(
+        settings.host, settings.port, [SERVICE_NAME], capacity=settings.max_concurrent_requests
+    )
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer or ScoringServicer(settings), server)
     server.start()
     mark_serving(health_servicer, [SERVICE_NAME])
     return server, health_servicer, port

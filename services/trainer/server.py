@@ -14,7 +14,9 @@ into place only when complete, so a failed or killed trainer leaves nothing at
 `output_checkpoint` (a killed trainer's temporaries are swept at the next start-up,
 services.trainer.retention). A request whose `request_id` matches the marker of an
 existing `output_checkpoint` is answered from the marker (the recorded step metrics,
-then the result) without training again.
+then the result) without training again. The marker also holds the request body's fingerprint
+(gradalign_common.request_identity): the same request_id with a different body is refused with
+ALREADY_EXISTS; a marker without a fingerprint (written before fingerprints) is answered as before.
 
 Rollout reuse (`rollouts_paths`, torch backend): the first step takes its batch's
 responses from the scoring stage's rollout shards (services.trainer.reuse).
@@ -32,7 +34,9 @@ weight_decay 0 is no decay. steps, batch_size, learning_rate, sampling.n (>= 2),
 sampling.max_tokens and sampling.temperature must be set. Per-step sampling seeds derive
 from hyperparams.seed; sampling.seed is not used.
 TrainResult.compute_seconds is the time spent loading and training (not saving).
-One request trains at a time; others wait.
+One request trains at a time; others wait, up to settings.max_concurrent_requests requests in
+all; any more get RESOURCE_EXHAUSTED (gradalign_common.request_gate). A cancelled call stops
+before the next step (torch) or ends verl's process group (verl), and writes no checkpoint.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import grpc
 
 from gradalign_common.artifacts import atomic_path
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled
+from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
 from gradalign_common.logging_setup import configure_logging, get_logger
 from gradalign_common.model_cache import ModelCache
 from gradalign_common.modeling import (
@@ -63,6 +67,8 @@ from gradalign_common.modeling import (
 from gradalign_common.optimizer_state import state_from_torch_optimizer, write_optimizer_state
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
 from gradalign_common.records import Problem, RolloutRecord, read_problems
+from gradalign_common.request_gate import RequestGate
+from gradalign_common.request_identity import is_same_request, request_fingerprint
 from services.trainer.grpo import GRPOConfig, GRPOTrainer, StepMetrics
 from gradalign_common.checkpoint_retention import sweep_stale_checkpoint_temporaries
 from services.trainer.reuse import first_batch_rollouts
@@ -191,6 +197,7 @@ class TrainPlan:
     """A validated request: everything the training needs, resolved to paths."""
 
     request_id: str
+    fingerprint: str  # of the request body (gradalign_common.request_identity)
     config: GRPOConfig
     checkpoint: Path
     reference: Path | None  # the KL reference; None without KL
@@ -204,6 +211,7 @@ class TrainPlan:
     def marker(self, backend: str, history: list[StepMetrics], compute_seconds: float, optimizer_state: str | None):
         return {
             "request_id": self.request_id,
+            "fingerprint": self.fingerprint,
             "backend": backend,
             "checkpoint": str(self.checkpoint),
             "reference_checkpoint": str(self.reference) if self.reference else None,
@@ -222,6 +230,7 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
     def __init__(self, settings: TrainerSettings):
         self.settings = settings
         self._lock = threading.Lock()  # one training at a time: it uses the whole device
+        self.gate = RequestGate("trainer", settings.max_concurrent_requests)
         # the KL reference (the run's initial model) is the same every round: keep it loaded
         self._references = ModelCache(device=settings.device, dtype=settings.dtype)
 
@@ -229,13 +238,20 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
     def Train(
         self, request: training_pb2.TrainRequest, context: grpc.ServicerContext
     ) -> Iterator[training_pb2.TrainEvent]:
+        with self.gate.slot():
+            yield from self._train(request, context)
+
+    def _train(
+        self, request: training_pb2.TrainRequest, context: grpc.ServicerContext
+    ) -> Iterator[training_pb2.TrainEvent]:
         if not request.request_id:
             raise InvalidInputError("request_id is required (it makes a retried request idempotent)")
         if not request.output_checkpoint:
             raise InvalidInputError("output_checkpoint is required")
         output = self.settings.checkpoint_path(request.output_checkpoint)
+        fingerprint = request_fingerprint(request)
         done = read_marker(output)
-        if done is not None and done.get("request_id") == request.request_id:
+        if is_same_request(done, request.request_id, fingerprint, str(output)):
             log.info("train_already_done", request_id=request.request_id, checkpoint=str(output))
             for metrics in done.get("metrics", []):
                 yield step_event(metrics)
@@ -245,14 +261,14 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             )
             return
 
-        plan = self._plan(request, output)
+        plan = self._plan(request, output, fingerprint)
         with self._lock:
             if self.settings.backend == "verl":
                 yield from self._train_verl(plan, context)
             else:
                 yield from self._train_torch(plan, context)
 
-    def _plan(self, request: training_pb2.TrainRequest, output: Path) -> TrainPlan:
+    def _plan(self, request: training_pb2.TrainRequest, output: Path, fingerprint: str) -> TrainPlan:
         """Validate the request (raising InvalidInputError/NotFoundError) before anything is loaded or written."""
         if not request.checkpoint:
             raise InvalidInputError("checkpoint is required")
@@ -289,6 +305,7 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             reused = first_batch_rollouts(rollouts_paths, problems, config)
         return TrainPlan(
             request_id=request.request_id,
+            fingerprint=fingerprint,
             config=config,
             checkpoint=checkpoint,
             reference=reference,
@@ -322,12 +339,11 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
         )
         history: list[StepMetrics] = []
         for _ in range(config.steps):
-            if not context.is_active():
-                log.info("train_cancelled", request_id=plan.request_id, steps_done=len(history))
-                return
+            stop_if_cancelled(context, f"{len(history)} of {config.steps} steps done")
             metrics = trainer.step()
             history.append(metrics)
             yield step_event(metrics)
+        stop_if_cancelled(context, f"{len(history)} of {config.steps} steps done")  # cancelled late: no checkpoint
         compute_seconds = time.perf_counter() - start
 
         state_name = OPTIMIZER_STATE_NAME if plan.export_optimizer_state else None
@@ -401,10 +417,13 @@ class _Cancelled(Exception):
     """The client went away during a verl run (internal: ends the RPC quietly)."""
 
 
-def create_server(settings: TrainerSettings):
-    """A server with the TrainerService and health registered (not started); returns (server, health, port)."""
-    server, health, port = build_server(settings.host, settings.port, [SERVICE_NAME])
-    training_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(settings), server)
+def create_server(settings: TrainerSettings, servicer: TrainerServicer | None = None):
+    """A server with the TrainerService (`servicer`, or a new one) and health registered (not started);
+    returns (server, health, port)."""
+    server, health, port = build_server(
+        settings.host, settings.port, [SERVICE_NAME], capacity=settings.max_concurrent_requests
+    )
+    training_pb2_grpc.add_TrainerServiceServicer_to_server(servicer or TrainerServicer(settings), server)
     return server, health, port
 
 
