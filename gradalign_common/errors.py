@@ -19,6 +19,17 @@ class FieldError(InvalidInputError):
         self.message = message
 
 
+class ConflictError(InvalidInputError):
+    """The request is well formed but the resource's current state does not allow it (e.g. resuming a running
+    experiment): HTTP 409."""
+
+
+class ZeroValidationGradientError(InvalidInputError):
+    """The validation gradient g_V is zero (every validation group has zero advantage) or not finite, so no
+    cosine to it exists: gRPC FAILED_PRECONDITION. The round policy (gradalign_common.round_policy) then
+    selects the round at random and says so."""
+
+
 class RequestConflictError(InvalidInputError):
     """A request reuses the request_id of an earlier request with a different body: gRPC ALREADY_EXISTS.
 

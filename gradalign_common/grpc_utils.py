@@ -1,13 +1,14 @@
 """gRPC helpers shared by the worker services and their clients.
 
-- `serve_grpc` starts a server with the standard health service (grpc.health.v1) and a
-  Prometheus metrics endpoint, and blocks until SIGTERM/SIGINT.
+- `build_server` creates a server with the standard health service (grpc.health.v1);
+  `run_until_signalled` serves it, with a Prometheus metrics endpoint, until SIGTERM/SIGINT.
 - `rpc_errors` maps InvalidInputError -> INVALID_ARGUMENT, NotFoundError -> NOT_FOUND,
-  RequestConflictError -> ALREADY_EXISTS, WorkerBusyError -> RESOURCE_EXHAUSTED, anything
+  RequestConflictError -> ALREADY_EXISTS, WorkerBusyError -> RESOURCE_EXHAUSTED,
+  ZeroValidationGradientError -> FAILED_PRECONDITION, anything
   else -> INTERNAL, with the message as detail, for streaming handlers; a cancelled call
   (RequestCancelled raised by the handler, or the stream closed by grpc because the client
   went away) ends quietly with a `<service>_cancelled` log event; `stop_if_cancelled` raises it.
-- `build_server` sizes its thread pool to the worker's request capacity plus spare threads
+  `build_server` sizes its thread pool to the worker's request capacity plus spare threads
   (gradalign_common.request_gate), so the health service always has a thread.
 - `wait_healthy` polls a server's health service (used by `gradalign up` and tests).
 """
@@ -31,6 +32,7 @@ from gradalign_common.errors import (
     RequestCancelled,
     RequestConflictError,
     WorkerBusyError,
+    ZeroValidationGradientError,
 )
 from gradalign_common.logging_setup import get_logger
 
@@ -71,6 +73,9 @@ def rpc_errors(service: str) -> Callable:
                 context.abort(code, str(exc))
             except RequestConflictError as exc:
                 code = grpc.StatusCode.ALREADY_EXISTS
+                context.abort(code, str(exc))
+            except ZeroValidationGradientError as exc:
+                code = grpc.StatusCode.FAILED_PRECONDITION
                 context.abort(code, str(exc))
             except NotFoundError as exc:
                 code = grpc.StatusCode.NOT_FOUND

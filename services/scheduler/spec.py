@@ -28,7 +28,7 @@ class ExperimentSpec(BaseModel):
     val_dataset: str = Field(min_length=1, description="built-in name (arith-val) or a local .jsonl/.parquet file")
     chunk_size: int = Field(ge=1, description="M: candidate problems per round")
     k: int = Field(ge=1, description="keep M/k candidates per round")
-    mode: str = Field(default="sim", description="selection mode")
+    mode: str = Field(default="sim", description="selection mode", json_schema_extra={"enum": mode_names()})
     num_selections: int = Field(ge=1, le=100_000, description="rounds")
     train_batch_size: int = Field(ge=1, description="problems per GRPO step")
     iters_per_select: int = Field(ge=1, description="GRPO steps per round")

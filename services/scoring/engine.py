@@ -34,7 +34,7 @@ import torch
 from transformers import PreTrainedModel
 
 from gradalign_common.advantages import accuracy, grpo_advantages, is_zero_advantage
-from gradalign_common.errors import InvalidInputError
+from gradalign_common.errors import InvalidInputError, ZeroValidationGradientError
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.modeling import load_model, parse_dtype  # noqa: F401 - parse_dtype re-exported for callers
 from gradalign_common.optimizer_state import AdamSecondMoment
@@ -232,7 +232,7 @@ class ScoringEngine:
             flat = self._looped_validation_gradient(groups, n_tokens, preconditioner, progress)
         norm = torch.linalg.vector_norm(flat, dtype=torch.float64).item()
         if norm == 0.0 or not math.isfinite(norm):
-            raise InvalidInputError(
+            raise ZeroValidationGradientError(
                 "the validation gradient is zero or not finite "
                 "(every validation group has zero advantage, or the model overflowed)"
             )
