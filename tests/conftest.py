@@ -1,4 +1,7 @@
-"""Shared fixtures: the tiny warm-started model (built once per session) and database URLs.
+"""The tests' fixtures, in one place: models (the demo's warm-started tiny model, a random tiny model
+for the trainer, a random tiny Qwen2 for scoring), rollouts for the scoring tests, and the
+database and Redis URLs. Plain helpers (builders, expected values) live in the *_fixtures.py
+modules and are imported where used.
 
 PostgreSQL and Redis tests run whenever GRADALIGN_TEST_DATABASE_URL / GRADALIGN_TEST_REDIS_URL
 are set (.ci/run sets them and fails if the servers are down).
@@ -12,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from gradalign_common.tiny_model import TinyModelSpec, build_and_save
+from scoring_fixtures import random_rollouts, save_tiny_qwen2, tiny_qwen2
+from trainer_fixtures import build_random_tiny_model
 
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -21,6 +26,34 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The warm-started tiny arithmetic model (the demo's) as a HF directory (built once per test session)."""
     out = tmp_path_factory.mktemp("models") / "tiny-arith"
     return build_and_save(out, TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def random_tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model of the demo's architecture (no warm start): instant to build."""
+    return build_random_tiny_model(tmp_path_factory.mktemp("trainer-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def random_qwen2_dir(tmp_path_factory) -> Path:
+    """The scoring tests' random tiny Qwen2 (scoring_fixtures.tiny_qwen2, seed 0) as a HF directory."""
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The scoring tests' random tiny Qwen2, in memory."""
+    return tiny_qwen2(seed=0)
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    return random_rollouts(seed=1, n_problems=8, prefix="c")
+
+
+@pytest.fixture(scope="module")
+def validation():
+    return random_rollouts(seed=2, n_problems=5, prefix="v")
 
 
 def _database_urls() -> list:

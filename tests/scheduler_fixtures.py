@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from services.scheduler.settings import SchedulerSettings
+from services.scheduler.status import TERMINAL
 
 TEST_TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
@@ -51,7 +52,7 @@ def wait_for_experiment(client, exp_id: int, timeout: float = 300.0, poll: float
     exp: dict = {}
     while time.monotonic() < deadline:
         exp = client.get(f"/api/v1/experiments/{exp_id}").json()
-        if exp["status"] in ("completed", "failed", "cancelled"):
+        if exp["status"] in TERMINAL:
             return exp
         time.sleep(poll)
     raise AssertionError(f"experiment {exp_id} did not finish in {timeout}s: {exp}")

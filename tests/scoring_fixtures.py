@@ -11,7 +11,6 @@ import math
 import random
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 
@@ -40,12 +39,6 @@ def tiny_qwen2(seed: int = 0, tied: bool = True, pad_token_id: int | None = None
 def save_tiny_qwen2(directory: Path, seed: int = 0) -> Path:
     tiny_qwen2(seed).save_pretrained(directory)
     return directory
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved tiny Qwen2 model directory, shared by the tests of a session."""
-    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 def random_rollouts(seed: int, n_problems: int, prefix: str = "p") -> list[RolloutRecord]:
@@ -81,21 +74,6 @@ def random_rollouts(seed: int, n_problems: int, prefix: str = "p") -> list[Rollo
 
 
 # The shared scoring setup of the engine, methods and preconditioning tests (import the fixtures by name).
-
-
-@pytest.fixture(scope="module")
-def model() -> transformers.Qwen2ForCausalLM:
-    return tiny_qwen2(seed=0)
-
-
-@pytest.fixture(scope="module")
-def candidates() -> list[RolloutRecord]:
-    return random_rollouts(seed=1, n_problems=8, prefix="c")
-
-
-@pytest.fixture(scope="module")
-def validation() -> list[RolloutRecord]:
-    return random_rollouts(seed=2, n_problems=5, prefix="v")
 
 
 def reference_advantages(rewards: list[float]) -> list[float]:

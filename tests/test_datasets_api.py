@@ -46,7 +46,10 @@ def test_upload_register_mix_list_get_and_use(client, tmp_path, tiny_model_dir):
     assert resp.status_code == 201, resp.text
     assert resp.json()["n_rows"] == 15 and resp.json()["data_sources"] == {"arith": 10, "exact_match": 5}
 
-    assert [d["name"] for d in client.get("/api/v1/datasets").json()] == ["local", "mixed", "up"]
+    listing = client.get("/api/v1/datasets").json()
+    assert [d["name"] for d in listing] == ["local", "mixed", "up"]
+    assert [d["origin"]["kind"] for d in listing] == ["register", "mix", "upload"]
+    assert all("field" not in d["origin"] for d in listing)  # the origin says how it was made, not a request field
     assert client.get("/api/v1/datasets/mixed").json()["origin"]["kind"] == "mix"
     assert client.get("/api/v1/datasets/nope").status_code == 404
 

@@ -98,7 +98,7 @@ def test_the_image_check_imports_what_the_backends_run():
     """The modules named are the ones our backends import or run with `python -m` (a rename in the
     backends without this list fails here)."""
     names = {module for module, _ in check.BACKEND_MODULES} | set(check.ENTRY_POINTS)
-    backend = (ROOT / "services" / "trainer" / "verl_backend.py").read_text()
+    backend = (ROOT / "services" / "trainer" / "backends" / "verl" / "command.py").read_text()
     for module in ("verl.trainer.main_ppo", "verl.model_merger"):
         assert f'"{module}"' in backend and (module in names or f"{module}.__main__" in names)
     assert {"collective_rpc", "reset_prefix_cache"} <= set(check.LLM_METHODS)

@@ -20,7 +20,7 @@ from services.trainer.grpo import (
     target_log_probs,
     train_grpo,
 )
-from trainer_fixtures import ANSWER, constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from trainer_fixtures import ANSWER, constant_answer_problems
 
 SMALL = GRPOConfig(steps=2, batch_size=4, n_samples=4, learning_rate=1e-3, max_tokens=3, micro_batch_size=6, seed=3)
 

@@ -15,8 +15,6 @@ from gradalign_common.optimizer_state import (
     write_optimizer_state,
 )
 from scoring_fixtures import random_adam_state, tiny_qwen2
-
-
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     model = tiny_qwen2(seed=0)
     state = random_adam_state(model, step=12, beta2=0.95, eps=1e-6)

@@ -29,10 +29,11 @@ from services.rollout.settings import RolloutSettings
 from services.scoring.server import start_server as start_scoring_server
 from services.scoring.settings import ScoringSettings
 from services.trainer import server as trainer_server
+from services.trainer.backends import torch as torch_backend
 from services.trainer.server import MARKER_NAME
 from services.trainer.settings import TrainerSettings
 from scoring_fixtures import random_rollouts
-from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from trainer_fixtures import constant_answer_problems
 
 
 def _sampling(seed=1):
@@ -107,7 +108,7 @@ def test_the_trainer_refuses_a_known_request_id_with_a_different_body(trainer, r
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(trainer_server, "GRPOTrainer", no_training)
+    monkeypatch.setattr(torch_backend, "GRPOTrainer", no_training)
     # same id, same body: answered from the marker
     assert list(stub.Train(_train_request(random_tiny_checkpoint, problems, output), timeout=60)) == first
     # same id, another body: refused, the checkpoint untouched

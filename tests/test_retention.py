@@ -1,4 +1,4 @@
-"""Checkpoint retention and the start-up sweep of temporaries (services/trainer/retention.py)."""
+"""Checkpoint retention and the start-up sweep of temporaries (gradalign_common/checkpoint_retention.py)."""
 
 from __future__ import annotations
 

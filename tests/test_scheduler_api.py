@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from gradalign_common.errors import ConflictError, FieldError, InvalidInputError, NotFoundError
 from services.scheduler.app import create_app
 from scheduler_fixtures import AUTH, experiment_body, make_settings
 
@@ -199,10 +200,11 @@ def test_dataset_path_outside_the_data_root_is_refused(client, tmp_path, tiny_mo
 def _seed_results(app, tiny_model_dir, client):
     """An experiment with one round of three scored candidates, two selected."""
     from services.scheduler.db import Candidate, Round
+    from services.scheduler.status import RoundStatus
 
     exp = client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir)).json()
     with app.state.sessions() as s:
-        rnd = Round(experiment_id=exp["id"], index=0, status="completed", checkpoint_in="-")
+        rnd = Round(experiment_id=exp["id"], index=0, status=RoundStatus.COMPLETED, checkpoint_in="-")
         s.add(rnd)
         s.flush()
         for pid, score, rank in (("a", 0.9, 0), ("b", 0.5, 1), ("c", -0.2, None)):
@@ -248,3 +250,50 @@ def test_the_stored_spec_parses_back_into_the_typed_spec(client, tiny_model_dir)
     spec = StoredSpec.model_validate(old)
     assert (spec.scoring_method, spec.scoring_dtype, spec.priority, spec.max_grad_norm) == ("exact", "auto", 1.0, 1.0)
     assert client.post("/api/v1/experiments", json=experiment_body(tiny_model_dir, max_grad_norm=0)).status_code == 422
+
+
+class _RefusingExperiments:
+    """Stands in for ExperimentService through the `get_experiments` dependency: every call raises `error`."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def get(self, exp_id: int):
+        raise self.error
+
+    cancel = resume = get
+
+
+@pytest.mark.parametrize(
+    "error, status, detail",
+    [
+        (ConflictError("experiment 1 is already completed"), 409, "experiment 1 is already completed"),
+        (NotFoundError("experiment 1 not found"), 404, "experiment 1 not found"),
+        (FieldError("chunk_size", "too large"), 422, [{"loc": ["body", "chunk_size"], "msg": "too large", "type": "value_error"}]),
+        (InvalidInputError("broken dataset file"), 422, [{"loc": [], "msg": "broken dataset file", "type": "value_error"}]),
+    ],
+)
+def test_service_errors_map_to_status_codes(client, error, status, detail):
+    from services.scheduler.deps import get_experiments
+
+    client.app.dependency_overrides[get_experiments] = lambda: _RefusingExperiments(error)
+    try:
+        for resp in (client.get("/api/v1/experiments/1"), client.post("/api/v1/experiments/1/resume")):
+            assert resp.status_code == status and resp.json()["detail"] == detail, resp.text
+    finally:
+        client.app.dependency_overrides.clear()
+
+
+def test_openapi_documents_conflicts_where_they_happen(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, method in (
+        ("/api/v1/experiments/{experiment_id}/cancel", "post"),
+        ("/api/v1/experiments/{experiment_id}/resume", "post"),
+        ("/api/v1/datasets/upload", "post"),
+        ("/api/v1/datasets/register", "post"),
+        ("/api/v1/datasets/mix", "post"),
+    ):
+        assert "409" in paths[path][method]["responses"], path
+    assert "409" not in paths["/api/v1/experiments/{experiment_id}"]["get"]["responses"]
+    assert "404" in paths["/api/v1/experiments/{experiment_id}/rounds"]["get"]["responses"]
+    assert "422" in paths["/api/v1/experiments"]["post"]["responses"]

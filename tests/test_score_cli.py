@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from gradalign_common.records import write_rollouts, write_rollouts_jsonl
 from services.scoring.cli import score_command
 from services.scoring.engine import ScoringEngine
-from scoring_fixtures import random_rollouts, tiny_model_dir  # noqa: F401 (fixture)
+from scoring_fixtures import random_rollouts
 
 SPEC_KEYS = {"problem_id", "score", "accuracy", "n_responses", "zero_advantage"}
 
@@ -40,16 +40,16 @@ def _lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sim_writes_one_spec_line_per_candidate(files, tiny_model_dir, tmp_path):
+def test_sim_writes_one_spec_line_per_candidate(files, random_qwen2_dir, tmp_path):
     out = tmp_path / "scores.jsonl"
     result = _run(
-        "--model", tiny_model_dir, "--candidates", files["candidates_jsonl"],
+        "--model", random_qwen2_dir, "--candidates", files["candidates_jsonl"],
         "--validation", files["validation_parquet"], "--mode", "sim", "--out", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = _lines(out)
     assert all(set(line) == SPEC_KEYS for line in lines)
-    engine = ScoringEngine.from_pretrained(tiny_model_dir)
+    engine = ScoringEngine.from_pretrained(random_qwen2_dir)
     expected = [s for s in engine.score(files["candidates"], "sim", files["validation"])]
     assert [line["problem_id"] for line in lines] == [s.problem_id for s in expected]
     for line, s in zip(lines, expected):
@@ -61,9 +61,9 @@ def test_sim_writes_one_spec_line_per_candidate(files, tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["align", "accgreedy", "rand"])
-def test_modes_without_external_validation(files, tiny_model_dir, tmp_path, mode):
+def test_modes_without_external_validation(files, random_qwen2_dir, tmp_path, mode):
     out = tmp_path / "scores.jsonl"
-    result = _run("--model", tiny_model_dir, "--candidates", files["candidates_jsonl"], "--mode", mode,
+    result = _run("--model", random_qwen2_dir, "--candidates", files["candidates_jsonl"], "--mode", mode,
                   "--seed", "3", "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = _lines(out)
@@ -98,8 +98,8 @@ def _bad_input_cases(files, model_dir, tmp_path) -> dict[str, tuple[list, str]]:
     }  # fmt: skip
 
 
-def test_bad_input_exits_2_with_a_message(files, tiny_model_dir, tmp_path):
-    for name, (args, message) in _bad_input_cases(files, tiny_model_dir, tmp_path).items():
+def test_bad_input_exits_2_with_a_message(files, random_qwen2_dir, tmp_path):
+    for name, (args, message) in _bad_input_cases(files, random_qwen2_dir, tmp_path).items():
         out = tmp_path / f"{name}.jsonl"
         result = _run(*args, "--out", out)
         assert result.exit_code == 2, (name, result.output)
@@ -107,11 +107,11 @@ def test_bad_input_exits_2_with_a_message(files, tiny_model_dir, tmp_path):
         assert not out.exists(), name
 
 
-def test_methods_and_optimizer_state(files, tiny_model_dir, tmp_path):
+def test_methods_and_optimizer_state(files, random_qwen2_dir, tmp_path):
     from gradalign_common.optimizer_state import read_optimizer_state, write_optimizer_state
     from scoring_fixtures import random_adam_state, tiny_qwen2
 
-    base = ["--model", tiny_model_dir, "--candidates", files["candidates_jsonl"],
+    base = ["--model", random_qwen2_dir, "--candidates", files["candidates_jsonl"],
             "--validation", files["validation_parquet"], "--mode", "sim"]  # fmt: skip
     outs = {}
     for name, extra in {"default": [], "project": ["--method", "project-8"], "top": ["--method", "top-layers"]}.items():
@@ -126,7 +126,7 @@ def test_methods_and_optimizer_state(files, tiny_model_dir, tmp_path):
     out = tmp_path / "preconditioned.jsonl"
     result = _run(*base, "--optimizer-state", path, "--out", out)
     assert result.exit_code == 0, result.output
-    engine = ScoringEngine.from_pretrained(tiny_model_dir)
+    engine = ScoringEngine.from_pretrained(random_qwen2_dir)
     p = engine.preconditioner(read_optimizer_state(path))
     expected = [s.score for s in engine.score(files["candidates"], "sim", files["validation"], preconditioner=p)]
     assert [line["score"] for line in _lines(out)] == pytest.approx(expected, abs=1e-6)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from gradalign_common.errors import InvalidInputError
-from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
-from services.scoring.engine import ScoringEngine, subsample_indices
+from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
+from services.scoring.engine import ScoringEngine
+from services.scoring.groups import subsample_indices
 from gradalign_common.scoring_methods import MethodSpec, parse_method
 from scoring_fixtures import ReferenceScorer, reference_advantages
-from scoring_fixtures import candidates, model, validation  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def _project(plan, engine, flat: torch.Tensor) -> torch.Tensor:
     """The projection of a flat gradient as ProjectionPlan defines it, computed from the whole gradient."""
     out = torch.zeros(plan.size, dtype=torch.float64)
     start = 0
-    for i, p in enumerate(engine._params):
+    for i, p in enumerate(engine.params):
         g = flat[start : start + p.numel()].view(p.shape)
         start += p.numel()
         lo, hi = plan.offsets[i]
@@ -89,7 +89,7 @@ def test_project_is_the_cosine_of_projected_gradients(engine64, candidates, vali
                                                       group_gradients, k):
     """Per-layer projections of inputs and output gradients give exactly P_out^T G P_in of each
     group's gradient G (the tied embedding's rows included), without forming G."""
-    plan = engine64._plan(k, None)
+    plan = engine64.projection_plan(k, None)
     v = _project(plan, engine64, validation_flat)
     v = v / v.norm()
     g_v = engine64.validation_gradient(validation, method=f"project-{k}")

@@ -9,7 +9,7 @@ from gradalign_common.pb import scoring_pb2
 from gradalign_common.records import write_rollouts, write_rollouts_jsonl
 from services.scoring.engine import ScoringEngine
 from services.scoring.replicas import score_request, score_sharded, start_replicas
-from scoring_fixtures import random_adam_state, random_rollouts, tiny_model_dir, tiny_qwen2  # noqa: F401 (fixture)
+from scoring_fixtures import random_adam_state, random_rollouts, tiny_qwen2
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,9 @@ def _by_id(scores):
 
 
 @pytest.mark.parametrize("mode", ["sim", "align", "dot"])
-def test_two_processes_give_the_scores_of_one(replicas, data, tiny_model_dir, mode):
+def test_two_processes_give_the_scores_of_one(replicas, data, random_qwen2_dir, mode):
     shards = data["shards"]
-    common = dict(checkpoint=str(tiny_model_dir), mode=mode,
+    common = dict(checkpoint=str(random_qwen2_dir), mode=mode,
                   validation_paths=shards if mode == "align" else [data["validation_path"]])
     if mode == "dot":  # with an optimizer state, as the trainer would hand over
         from gradalign_common.optimizer_state import write_optimizer_state
@@ -65,6 +65,6 @@ def test_two_processes_give_the_scores_of_one(replicas, data, tiny_model_dir, mo
         assert (s.accuracy, s.n_responses, s.zero_advantage) == (one[pid].accuracy, one[pid].n_responses,
                                                                  one[pid].zero_advantage)
     if mode == "sim":  # and both equal the engine in this process
-        engine = ScoringEngine.from_pretrained(tiny_model_dir)
+        engine = ScoringEngine.from_pretrained(random_qwen2_dir)
         for s in engine.score(data["candidates"], "sim", data["validation"]):
             assert sharded[s.problem_id].score == pytest.approx(s.score, abs=1e-6)

@@ -11,7 +11,7 @@ from gradalign_common.records import read_scores_jsonl, write_rollouts, write_ro
 from services.scoring.engine import ScoringEngine
 from services.scoring.server import PROGRESS_UNIT, start_server
 from services.scoring.settings import ScoringSettings
-from scoring_fixtures import random_rollouts, save_tiny_qwen2, tiny_model_dir  # noqa: F401 (fixture)
+from scoring_fixtures import random_rollouts, save_tiny_qwen2
 
 # float32 scores: a different batch composition (shards, request sizes) changes the rounding by
 # up to ~1e-7 (1.1e-7 seen); a wrong combination of shards changes scores by orders of magnitude more.
@@ -54,8 +54,8 @@ def _score(stub, **fields) -> tuple[list, list, scoring_pb2.ScoreSummary]:
     return progress, scores, summaries[0]
 
 
-def test_sim_scores_match_the_engine_and_shards_match_one_request(stub, data, tiny_model_dir, tmp_path):
-    common = dict(checkpoint=str(tiny_model_dir), validation_paths=[data["validation_path"]], mode="sim")
+def test_sim_scores_match_the_engine_and_shards_match_one_request(stub, data, random_qwen2_dir, tmp_path):
+    common = dict(checkpoint=str(random_qwen2_dir), validation_paths=[data["validation_path"]], mode="sim")
     out = tmp_path / "scores.jsonl"
     progress, whole, summary = _score(
         stub, candidate_paths=[data["shard_a"], data["shard_b"]], output_path=str(out), **common
@@ -70,7 +70,7 @@ def test_sim_scores_match_the_engine_and_shards_match_one_request(stub, data, ti
     assert summary_a.validation_gradient_cached and summary_b.validation_gradient_cached
     assert {s.problem_id: s.score for s in part_a + part_b} == pytest.approx({s.problem_id: s.score for s in whole}, abs=FLOAT32_TOL)
 
-    engine = ScoringEngine.from_pretrained(tiny_model_dir)
+    engine = ScoringEngine.from_pretrained(random_qwen2_dir)
     expected = {s.problem_id: s for s in engine.score(data["candidates"], "sim", data["validation"])}
     for s in whole:
         e = expected[s.problem_id]
@@ -78,15 +78,15 @@ def test_sim_scores_match_the_engine_and_shards_match_one_request(stub, data, ti
         assert (s.accuracy, s.n_responses, s.zero_advantage) == (e.accuracy, e.n_responses, e.zero_advantage)
 
 
-def test_align_shards_with_the_rounds_candidates_as_validation_match_one_request(stub, data, tiny_model_dir):
+def test_align_shards_with_the_rounds_candidates_as_validation_match_one_request(stub, data, random_qwen2_dir):
     both = [data["shard_a"], data["shard_b"]]
-    _, whole, _ = _score(stub, checkpoint=str(tiny_model_dir), candidate_paths=both, mode="align")
+    _, whole, _ = _score(stub, checkpoint=str(random_qwen2_dir), candidate_paths=both, mode="align")
     parts = []
     for shard in both:
-        _, part, _ = _score(stub, checkpoint=str(tiny_model_dir), candidate_paths=[shard], validation_paths=both, mode="align")
+        _, part, _ = _score(stub, checkpoint=str(random_qwen2_dir), candidate_paths=[shard], validation_paths=both, mode="align")
         parts += part
     assert {s.problem_id: s.score for s in parts} == pytest.approx({s.problem_id: s.score for s in whole}, abs=FLOAT32_TOL)
-    _, alone, _ = _score(stub, checkpoint=str(tiny_model_dir), candidate_paths=[data["shard_a"]], mode="align")
+    _, alone, _ = _score(stub, checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]], mode="align")
     assert {s.problem_id: s.score for s in alone} != pytest.approx({s.problem_id: s.score for s in whole if s.problem_id in {a.problem_id for a in alone}}, abs=FLOAT32_TOL)
 
 
@@ -97,10 +97,10 @@ def test_rand_shards_match_one_request(stub, data):
     assert {s.problem_id: s.score for s in a + b} == {s.problem_id: s.score for s in whole}
 
 
-def test_a_different_checkpoint_is_loaded_and_invalidates_the_cache(stub, data, tiny_model_dir, tmp_path):
+def test_a_different_checkpoint_is_loaded_and_invalidates_the_cache(stub, data, random_qwen2_dir, tmp_path):
     other = save_tiny_qwen2(tmp_path / "other", seed=1)
     common = dict(candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]], mode="dot")
-    _, first, _ = _score(stub, checkpoint=str(tiny_model_dir), **common)
+    _, first, _ = _score(stub, checkpoint=str(random_qwen2_dir), **common)
     _, second, summary = _score(stub, checkpoint=str(other), **common)
     assert not summary.validation_gradient_cached
     assert [s.score for s in first] != [s.score for s in second]
@@ -120,9 +120,9 @@ def _error(stub, **fields) -> grpc.RpcError:
     return info.value
 
 
-def test_errors(stub, data, tiny_model_dir, tmp_path):
+def test_errors(stub, data, random_qwen2_dir, tmp_path):
     ok = dict(
-        checkpoint=str(tiny_model_dir),
+        checkpoint=str(random_qwen2_dir),
         candidate_paths=[data["shard_a"]],
         validation_paths=[data["validation_path"]],
         mode="sim",
@@ -142,13 +142,13 @@ def test_errors(stub, data, tiny_model_dir, tmp_path):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_methods_and_optimizer_state(stub, data, tiny_model_dir, tmp_path):
+def test_methods_and_optimizer_state(stub, data, random_qwen2_dir, tmp_path):
     """An approximate method is used only when named; its g_V is cached apart from exact's; an optimizer
     state preconditions the scores and is part of the cache key."""
     from gradalign_common.optimizer_state import read_optimizer_state, write_optimizer_state
     from scoring_fixtures import random_adam_state, tiny_qwen2
 
-    common = dict(checkpoint=str(tiny_model_dir), candidate_paths=[data["shard_a"]],
+    common = dict(checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]],
                   validation_paths=[data["validation_path"]], mode="sim")
     _, exact, _ = _score(stub, **common)
     _, named, _ = _score(stub, method="exact", **common)
@@ -163,7 +163,7 @@ def test_methods_and_optimizer_state(stub, data, tiny_model_dir, tmp_path):
                                  beta2=state.beta2, eps=state.eps)
     _, preconditioned, summary = _score(stub, optimizer_state_path=str(path), **common)
     assert not summary.validation_gradient_cached
-    engine = ScoringEngine.from_pretrained(tiny_model_dir)
+    engine = ScoringEngine.from_pretrained(random_qwen2_dir)
     p = engine.preconditioner(read_optimizer_state(path))
     candidates = [r for r in data["candidates"] if r.problem_id in {s.problem_id for s in exact}]
     expected = {s.problem_id: s.score for s in engine.score(candidates, "sim", data["validation"], preconditioner=p)}
@@ -173,7 +173,7 @@ def test_methods_and_optimizer_state(stub, data, tiny_model_dir, tmp_path):
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_the_dtype_setting_takes_effect_when_a_request_names_none(data, tiny_model_dir):
+def test_the_dtype_setting_takes_effect_when_a_request_names_none(data, random_qwen2_dir):
     """auto (the default) is float32 on CPU; a deployment's GRADALIGN_SCORING_DTYPE is used when the
     request's dtype is empty (what the scheduler sends for scoring_dtype=auto); a request's own wins."""
     from services.scoring.server import ScoringServicer
@@ -181,7 +181,7 @@ def test_the_dtype_setting_takes_effect_when_a_request_names_none(data, tiny_mod
     def loaded_dtype(settings, request_dtype):
         servicer = ScoringServicer(settings)
         request = scoring_pb2.ScoreRequest(
-            checkpoint=str(tiny_model_dir), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]],
+            checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]],
             mode="sim", dtype=request_dtype,
         )
         events = list(servicer.Score(request, None))

@@ -17,7 +17,7 @@ from gradalign_common.pb import training_pb2_grpc
 from gradalign_common.records import write_problems
 from services.stack import free_port
 from test_trainer_service import request
-from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from trainer_fixtures import constant_answer_problems
 
 
 def _start(port: int, artifacts) -> subprocess.Popen:

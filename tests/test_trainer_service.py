@@ -8,23 +8,22 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from pydantic import ValidationError
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.modeling import load_model, load_tokenizer
 from gradalign_common.optimizer_state import read_optimizer_state
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
 from gradalign_common.records import write_problems, write_rollouts, write_rollouts_jsonl
-from services.trainer import server as trainer_server
 from services.trainer.grpo import batch_for_step
 from services.trainer.reuse import first_batch_rollouts
-from services.trainer.server import MARKER_NAME, OPTIMIZER_STATE_NAME, config_from_proto, create_server
+from services.trainer import losses
+from services.trainer.backends import torch as torch_backend
+from services.trainer.backends.torch import OPTIMIZER_STATE_NAME
+from services.trainer.marker import MARKER_NAME
+from services.trainer.server import config_from_proto, create_server
 from services.trainer.settings import TrainerSettings
-from trainer_fixtures import (  # noqa: F401 (fixture)
-    build_random_tiny_model,
-    constant_answer_problems,
-    made_up_rollouts,
-    random_tiny_checkpoint,
-)
+from trainer_fixtures import build_random_tiny_model, constant_answer_problems, made_up_rollouts
 
 
 @pytest.fixture
@@ -109,7 +108,7 @@ def test_a_retry_with_the_same_request_id_returns_the_checkpoint_without_trainin
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(trainer_server, "GRPOTrainer", no_training)
+    monkeypatch.setattr(torch_backend, "GRPOTrainer", no_training)
     again = list(stub.Train(req, timeout=60))
     assert again == first  # the recorded step metrics, then the same result
     assert weights.stat().st_mtime_ns == stamp
@@ -168,13 +167,13 @@ def test_a_bad_request_is_refused_and_writes_nothing(
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint(stub, random_tiny_checkpoint, problems_path, artifacts, monkeypatch):
-    real_save = trainer_server.save_checkpoint
+    real_save = torch_backend.save_checkpoint
 
     def save_then_crash(model, tokenizer, dest):
         real_save(model, tokenizer, dest)  # the weights are on disk, the marker is not yet
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer_server, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(torch_backend, "save_checkpoint", save_then_crash)
     output = artifacts / "checkpoints" / "round-00002"
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Train(request(random_tiny_checkpoint, problems_path, output), timeout=60))
@@ -182,6 +181,36 @@ def test_a_crash_while_saving_leaves_no_checkpoint(stub, random_tiny_checkpoint,
     assert "disk full" in info.value.details()
     assert not output.exists()
     assert list(output.parent.iterdir()) == []  # nor a temporary directory beside it
+
+
+def test_the_policy_loss_setting_is_checked_at_start_up_and_used(
+    random_tiny_checkpoint, problems_path, artifacts, monkeypatch
+):
+    monkeypatch.setenv("GRADALIGN_TRAINER_POLICY_LOSS", "nope")
+    with pytest.raises(ValidationError, match="unknown policy loss 'nope'; known: vanilla"):
+        TrainerSettings()  # what serve() reads at start-up
+    monkeypatch.delenv("GRADALIGN_TRAINER_POLICY_LOSS")
+
+    calls = []
+
+    def counted(*args):  # a second registered loss: the clipped surrogate, counting its calls
+        calls.append(1)
+        return losses.vanilla_policy_loss(*args)
+
+    monkeypatch.setitem(losses._POLICY_LOSSES, "counted", counted)
+    settings = TrainerSettings(host="127.0.0.1", port=0, artifact_root=artifacts, policy_loss="counted")
+    server, _, port = create_server(settings)
+    server.start()
+    output = artifacts / "checkpoints" / "round-00001"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = training_pb2_grpc.TrainerServiceStub(channel)
+            events = list(stub.Train(request(random_tiny_checkpoint, problems_path, output, steps=1), timeout=60))
+    finally:
+        server.stop(None)
+    _, result = split(events)
+    assert result.steps == 1 and calls  # the trainer's policy loss was the registered one the setting named
+    assert json.loads((output / MARKER_NAME).read_text())["config"]["policy_loss"] == "counted"
 
 
 def test_hyperparams_zero_means_the_default():

@@ -1,4 +1,4 @@
-"""The verl backend (services/trainer/verl_backend.py), without verl installed.
+"""The verl backend (services/trainer/backends/verl), without verl installed.
 
 The command for a sample request is checked against the expected argument list; the
 dataset against verl's RL parquet format; the service end to end with a stand-in `verl`
@@ -27,31 +27,29 @@ from gradalign_common.modeling import load_model
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
 from gradalign_common.prompts import encode_messages
 from gradalign_common.records import Problem, write_problems
-from services.trainer.grpo import GRPOConfig
-from services.trainer.server import MARKER_NAME, create_server
-from services.trainer.settings import TrainerSettings
-from services.trainer.verl_backend import (
+from services.trainer.backends.verl.checks import check_verl_request
+from services.trainer.backends.verl.command import (
     REWARD_FILE,
     VERL_VERSION,
-    VerlOptions,
-    VerlRunError,
     actor_checkpoint_dir,
-    check_verl_request,
     epochs_for,
     hydra_value,
-    iter_verl,
-    max_prompt_tokens,
     merge_command,
     micro_batch_per_gpu,
-    parse_console_metrics,
-    prepare_job,
-    step_metrics_from_verl,
     train_command,
-    verl_record,
-    write_verl_dataset,
 )
+from services.trainer.backends.verl.dataset import verl_record, write_verl_dataset
+from services.trainer.backends.verl.job import max_prompt_tokens, prepare_job
+from services.trainer.backends.verl.metrics import parse_console_metrics, step_metrics_from_verl
+from services.trainer.backends.verl.options import VerlOptions
+from services.trainer.backends.verl.process import VerlRunError
+from services.trainer.backends.verl.run import iter_verl
+from services.trainer.grpo import GRPOConfig
+from services.trainer.marker import MARKER_NAME
+from services.trainer.server import create_server
+from services.trainer.settings import TrainerSettings
 from services.trainer.verl_reward import compute_score
-from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from trainer_fixtures import constant_answer_problems
 
 SAMPLE = GRPOConfig(
     steps=4,
@@ -534,7 +532,7 @@ def test_verl_dies_with_a_killed_trainer(tmp_path):
     import signal
     import subprocess
 
-    from services.trainer.verl_backend import _LAUNCHER
+    from services.trainer.backends.verl.process import _LAUNCHER
 
     # a stand-in trainer that starts a long "verl" through the launcher, then gets SIGKILLed
     trainer = subprocess.Popen(

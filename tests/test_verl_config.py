@@ -1,4 +1,4 @@
-"""verl 0.9.1 itself accepts what services/trainer/verl_backend.py builds (no GPU needed).
+"""verl 0.9.1 itself accepts what services/trainer/backends/verl builds (no GPU needed).
 
 verl's trainer cannot run on CPU, but its config tree, config dataclasses, custom reward
 loader and model-merger argparse can. These tests need verl 0.9.1, hydra-core and omegaconf
@@ -29,17 +29,17 @@ from pathlib import Path
 import pytest
 
 from services.trainer.grpo import GRPOConfig
-from services.trainer.verl_backend import (
+from services.trainer.backends.verl.command import (
     REWARD_FILE,
     VERL_VERSION,
-    VerlOptions,
     actor_checkpoint_dir,
     merge_command,
     micro_batch_per_gpu,
-    prepare_job,
     train_command,
 )
-from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from services.trainer.backends.verl.job import prepare_job
+from services.trainer.backends.verl.options import VerlOptions
+from trainer_fixtures import constant_answer_problems
 
 REQUIREMENTS = "requirements/verl-config.txt"
 

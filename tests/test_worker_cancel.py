@@ -32,7 +32,7 @@ from services.trainer import server as trainer_server
 from services.trainer.server import TrainerServicer
 from services.trainer.settings import TrainerSettings
 from scoring_fixtures import random_rollouts, save_tiny_qwen2
-from trainer_fixtures import constant_answer_problems, random_tiny_checkpoint  # noqa: F401 (fixture)
+from trainer_fixtures import constant_answer_problems
 from worker_fixtures import HeldBackend
 
 FREE_WITHIN_S = 30.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from gradalign_common.prompts import encode_messages
 from gradalign_common.records import Problem
@@ -29,11 +28,6 @@ def constant_answer_problems(n: int, answer: str = ANSWER) -> list[Problem]:
 def build_random_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """A randomly initialised tiny model (no warm start): instant to build."""
     return build_and_save(out_dir, TinyModelSpec(warmup_steps=0, seed=seed))
-
-
-@pytest.fixture(scope="session")
-def random_tiny_checkpoint(tmp_path_factory) -> Path:
-    return build_random_tiny_model(tmp_path_factory.mktemp("trainer-model") / "tiny")
 
 
 def made_up_rollouts(tokenizer, problems, n: int, answer: str = ANSWER) -> dict[str, list]:

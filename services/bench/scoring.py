@@ -27,23 +27,25 @@ On a GPU, at a larger size, e.g. Qwen2.5-0.5B's architecture with random weights
 --memory-multiplier M runs exact again on the round and then on M times as many groups, back to
 back, and reports both peaks (memory must stay flat). --replicas N scores the round with N scorer processes (services.scoring.server,
 --replica-threads torch threads each) against one such process, and reports the time ratio.
+
+Modules: this one (inputs, the run, the report, the command); scoring_reference (the baseline);
+scoring_measure (time and memory of one run); scoring_fidelity (Spearman, top overlap);
+scoring_replicas (the --replicas comparison). Exact and approximate methods are scored through
+services.scoring.score_request, as the service and `gradalign score` score them.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
 import platform
 import random
 import statistics
-import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -51,12 +53,16 @@ import typer
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.modeling import parse_dtype
-from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, write_rollouts, write_rollouts_jsonl
-from gradalign_common.advantages import accuracy, grpo_advantages, is_zero_advantage
-from gradalign_common.selection import GroupSignals, get_mode, select_top
-from services.scoring.engine import ScoringEngine, parse_device
+from gradalign_common.records import RolloutRecord, group_rollouts
 from gradalign_common.scoring_methods import parse_method
-from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
+from gradalign_common.selection import get_mode
+from services.bench.scoring_fidelity import fidelity
+from services.bench.scoring_measure import Row, measure, synchronize
+from services.bench.scoring_reference import ReferenceMethod, response_tokens
+from services.bench.scoring_replicas import run_replicas
+from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
+from services.scoring.engine import ScoringEngine, parse_device
+from services.scoring.score_request import score_request
 
 DEFAULT_APPROXIMATIONS = ("project", "top-layers", "fewer-responses")
 
@@ -94,27 +100,6 @@ class BenchConfig:
     seed: int = 0
 
 
-@dataclass
-class Row:
-    """One measured method."""
-
-    name: str
-    seconds: list[float] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)
-    peak_mb: list[float] = field(default_factory=list)
-    peak_total_mb: list[float] = field(default_factory=list)
-    scores: list[ScoreRecord] | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def best_cpu(self) -> float:
-        return min(self.cpu_seconds)
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -148,228 +133,6 @@ def make_rollouts(cfg: BenchConfig, n_groups: int, prefix: str, seed: int) -> li
             response = tuple(rng.randrange(cfg.vocab) for _ in range(cfg.tokens))
             records.append(RolloutRecord(f"{prefix}{i:05d}", prompt, response, float(rng.random() < rate)))
     return records
-
-
-def response_tokens(rollouts: Sequence[RolloutRecord]) -> int:
-    return sum(len(r.response_ids) for r in rollouts)
-
-
-# ----------------------------------------------------------------------------- the reference's method
-
-
-class ReferenceMethod:
-    """The reference's per-group scoring, re-implemented (see the module docstring)."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, mini_batch_size: int = 32):
-        self.model = model
-        self.device = device
-        self.mini_batch_size = mini_batch_size
-
-    def _accumulate_gradients(self, groups: list[list[RolloutRecord]], advantages: list[list[float]], denominator_of) -> None:
-        """model.zero_grad, then forward and backward in mini-batches of responses, gradients into .grad."""
-        self.model.zero_grad(set_to_none=True)
-        items = [(r, a, denominator_of(gi)) for gi, (g, adv) in enumerate(zip(groups, advantages)) for r, a in zip(g, adv)]
-        for start in range(0, len(items), self.mini_batch_size):
-            batch = items[start : start + self.mini_batch_size]
-            width = max(len(r.prompt_ids) + len(r.response_ids) for r, _, _ in batch)
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            response_mask = torch.zeros((len(batch), width), dtype=torch.float64)
-            scale = torch.zeros((len(batch), 1), dtype=torch.float64)
-            for b, (r, a, d) in enumerate(batch):
-                ids = list(r.prompt_ids) + list(r.response_ids)
-                input_ids[b, : len(ids)] = torch.tensor(ids)
-                attention_mask[b, : len(ids)] = 1
-                response_mask[b, len(r.prompt_ids) : len(ids)] = 1.0
-                scale[b] = a / d
-            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            positions = torch.arange(width, device=self.device).expand(len(batch), width)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                use_cache=False).logits
-            # compute_log_probs: log-softmax over every position, the next token's log-probability.
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            mask = (response_mask[:, 1:] * scale).to(self.device, log_probs.dtype)
-            loss = -(log_probs * mask).sum()
-            loss.backward()
-
-    def _gradients(self, normalise: bool) -> tuple[dict[str, torch.Tensor], float]:
-        gradients: dict[str, torch.Tensor] = {}
-        norm_sq = torch.tensor(0.0, dtype=torch.float32, device=self.device)
-        for name, param in self.model.named_parameters():
-            if param.grad is not None:
-                grad = param.grad.clone().detach().to(torch.float32)
-                gradients[name] = grad
-                norm_sq += torch.sum(grad**2)
-        norm = float(norm_sq.item()) ** 0.5
-        if normalise:
-            for name in gradients:
-                gradients[name] = gradients[name] / norm
-        return gradients, norm
-
-    def validation_gradient(self, validation: Sequence[RolloutRecord]) -> dict[str, torch.Tensor]:
-        groups = list(group_rollouts(validation).values())
-        total = response_tokens(validation)
-        self._accumulate_gradients(groups, [grpo_advantages([r.reward for r in g]) for g in groups], lambda _: total)
-        return self._gradients(normalise=True)[0]
-
-    def score(self, candidates: Sequence[RolloutRecord], g_v: dict[str, torch.Tensor], mode: str) -> list[ScoreRecord]:
-        mode = get_mode(mode)
-        out = []
-        for pid, group in group_rollouts(candidates).items():
-            rewards = [r.reward for r in group]
-            advantages = grpo_advantages(rewards)
-            zero = is_zero_advantage(advantages)
-            cosine = dot = 0.0
-            if not zero:
-                self._accumulate_gradients([group], [advantages], lambda _: response_tokens(group))
-                gradients, norm = self._gradients(normalise=mode.name != "dot")
-                total = torch.tensor(0.0, dtype=torch.float32, device=self.device)
-                per_module: dict[str, torch.Tensor] = {}
-                for name in g_v:
-                    dp = torch.sum(g_v[name].flatten() * gradients[name].flatten())
-                    total += dp
-                    module = name.rsplit(".", 1)[0]
-                    per_module[module] = per_module.get(module, 0.0) + dp
-                _distribution = {m: float(v.item()) for m, v in per_module.items()}  # noqa: F841 - reported by the reference
-                cosine = dot = float(total.item())
-                if mode.name == "dot":
-                    cosine = dot / norm if norm > 0 else 0.0
-                else:
-                    dot = cosine * norm
-            signals = GroupSignals(accuracy(rewards), zero, cosine=cosine, dot=dot)
-            out.append(ScoreRecord(pid, mode.score(signals), accuracy(rewards), len(group), zero))
-        self.model.zero_grad(set_to_none=True)
-        return out
-
-
-# ----------------------------------------------------------------------------- measurement
-
-
-_LIBC = None
-
-
-def _trim_malloc() -> None:
-    """Return freed heap memory to the OS so that the next run's resident-set peak starts clean."""
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _status_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA peak allocation, or the process's peak RSS (VmHWM reset through
-    /proc/self/clear_refs; a sampling thread where that is not allowed)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_above_start_mb = 0.0
-        self.peak_mb = 0.0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        _trim_malloc()
-        self._start = (_status_kb("VmRSS") or 0) * 1024
-        self._sampler = None
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            self._sampled = self._start
-            self._stop = threading.Event()
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self._sampled = max(self._sampled, (_status_kb("VmRSS") or 0) * 1024)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self._sampler is not None:
-            self._stop.set()
-            self._sampler.join()
-            peak = self._sampled
-        else:
-            peak = (_status_kb("VmHWM") or 0) * 1024
-        self.peak_mb = peak / 2**20
-        self.peak_above_start_mb = max(0.0, peak - self._start) / 2**20
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(row: Row, device: torch.device, fn: Callable[[], object]) -> object:
-    """Run fn once, adding its wall time, the process's CPU time and peak memory to row."""
-    with PeakMemory(device) as memory:
-        _synchronize(device)
-        started, cpu_started = time.perf_counter(), time.process_time()
-        result = fn()
-        _synchronize(device)
-        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    row.seconds.append(seconds)
-    row.cpu_seconds.append(cpu_seconds)
-    row.peak_mb.append(memory.peak_above_start_mb)
-    row.peak_total_mb.append(memory.peak_mb)
-    return result
-
-
-def rankdata(values: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n, ties given their average rank."""
-    x = np.asarray(values, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (nan when either side is constant or there are < 2 values)."""
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = rankdata(a), rankdata(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def fidelity(exact: Sequence[ScoreRecord], approximate: Sequence[ScoreRecord], mode: str, fraction: float) -> dict:
-    """Spearman over the non-zero-advantage candidates and the overlap of the selected top fraction."""
-    by_id = {s.problem_id: s.score for s in approximate}
-    live = [s for s in exact if not s.zero_advantage]
-    n_select = max(1, round(fraction * len(exact)))
-    top_exact = set(select_top(exact, mode, n_select))
-    top_approx = set(select_top(approximate, mode, n_select))
-    return {
-        "spearman": spearman([s.score for s in live], [by_id[s.problem_id] for s in live]),
-        "top_overlap": len(top_exact & top_approx) / n_select,
-        "n_select": n_select,
-    }
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -409,34 +172,39 @@ def run_benchmark(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict
     )
 
     # Validation gradients, once per gradient space, timed apart.
+    exact = parse_method("exact")
     validation_seconds: dict[str, float] = {}
     g_v: dict[str, torch.Tensor] = {}
-    for spec in [parse_method("exact"), *approximations]:
+    for spec in [exact, *approximations]:
         if spec.gradient_space not in g_v:
             started = time.perf_counter()
             g_v[spec.gradient_space] = engine.validation_gradient(val_source, method=spec)
-            _synchronize(device)
+            synchronize(device)
             validation_seconds[spec.gradient_space] = time.perf_counter() - started
     reference = ReferenceMethod(engine.model, device)
     started = time.perf_counter()
     reference_g_v = reference.validation_gradient(val_source)
     validation_seconds["baseline"] = time.perf_counter() - started
 
+    def scored(rollouts: list[RolloutRecord], spec) -> list:
+        """The rollouts' scores with `spec`, through score_request, from the g_V of its space computed above."""
+        return list(score_request(rollouts, mode, engine=lambda: engine, method=spec, seed=cfg.seed,
+                                  validation_gradient=lambda _engine, method, _p: g_v[method.gradient_space]))
+
     rows = {name: Row(name) for name in ["floor", "baseline", "exact", *(s.name for s in approximations)]}
     jobs: list[tuple[str, Callable[[], object]]] = [
         ("floor", lambda: engine.plain_backward(candidates)),
         ("baseline", lambda: reference.score(candidates, reference_g_v, mode.name)),
-        ("exact", lambda: list(engine.score(candidates, mode, validation_gradient=g_v["full"]))),
+        ("exact", lambda: scored(candidates, exact)),
     ]
     for spec in approximations:
-        jobs.append((spec.name, lambda spec=spec: list(
-            engine.score(candidates, mode, validation_gradient=g_v[spec.gradient_space], method=spec, seed=cfg.seed))))
+        jobs.append((spec.name, lambda spec=spec: scored(candidates, spec)))
     # Warm-up (first calls pay one-off costs): each job once on the first two groups, untimed.
     few = [r for g in list(group_rollouts(candidates).values())[:2] for r in g]
     engine.plain_backward(few)
     reference.score(few, reference_g_v, mode.name)
-    for spec in [parse_method("exact"), *approximations]:
-        list(engine.score(few, mode, validation_gradient=g_v[spec.gradient_space], method=spec, seed=cfg.seed))
+    for spec in [exact, *approximations]:
+        scored(few, spec)
     for _ in range(cfg.repeats):
         for name, fn in jobs:
             result = measure(rows[name], device, fn)
@@ -449,8 +217,8 @@ def run_benchmark(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict
         # Both measured here, back to back, so that the allocator's state is alike for the two.
         more = make_rollouts(cfg, cfg.groups * cfg.memory_multiplier, "m", cfg.seed + 3)
         base, multiplied = Row("exact"), Row(f"exact x{cfg.memory_multiplier} groups")
-        measure(base, device, lambda: list(engine.score(candidates, mode, validation_gradient=g_v["full"])))
-        measure(multiplied, device, lambda: list(engine.score(more, mode, validation_gradient=g_v["full"])))
+        measure(base, device, lambda: scored(candidates, exact))
+        measure(multiplied, device, lambda: scored(more, exact))
         memory_check = {
             "groups": cfg.groups,
             "groups_multiplied": cfg.groups * cfg.memory_multiplier,
@@ -519,72 +287,6 @@ def _summarise(cfg, rows, approximations, n_tokens, validation_seconds, memory_c
     }
 
 
-def run_replicas(
-    cfg: BenchConfig, model, candidates: list[RolloutRecord], validation: list[RolloutRecord] | None,
-    echo: Callable[[str], None],
-) -> dict:
-    """The round on one scorer process vs sharded over cfg.replicas processes (cfg.replica_threads each)."""
-    from services.scoring.replicas import score_request, score_sharded, start_replicas
-    from gradalign_common.pb import scoring_pb2
-
-    n = cfg.replicas
-    with tempfile.TemporaryDirectory(prefix="gradalign-bench-") as tmp:
-        root = Path(tmp)
-        model.save_pretrained(root / "model")
-        groups = list(group_rollouts(candidates).values())
-        shards = [[r for g in groups[i::n] for r in g] for i in range(n)]
-        shard_paths = [str(write_rollouts(root / f"shard-{i}.parquet", s)) for i, s in enumerate(shards)]
-        common = dict(checkpoint=str(root / "model"), mode=cfg.mode, dtype=cfg.dtype)
-        if validation is not None:
-            validation_path = root / "validation.jsonl"
-            write_rollouts_jsonl(validation_path, validation)
-            common["validation_paths"] = [str(validation_path)]
-        else:  # align: every shard uses the whole round's candidates as validation
-            validation_path = None
-            common["validation_paths"] = shard_paths
-        echo(f"replicas: starting {n} scorer processes ({cfg.replica_threads} torch thread(s) each)")
-        replicas = start_replicas(n, torch_threads=cfg.replica_threads, device=cfg.device)
-        try:
-            addresses = [r.address for r in replicas]
-            # Warm up: load the model and compute (and cache) g_V on every replica.
-            score_sharded(addresses, [[p] for p in shard_paths], **common)
-
-            def one() -> tuple[list[ScoreRecord], float]:
-                started = time.perf_counter()
-                scores, _ = score_request(addresses[0], scoring_pb2.ScoreRequest(candidate_paths=shard_paths, **common))
-                return scores, time.perf_counter() - started
-
-            def touch() -> None:  # a new validation file: g_V is recomputed by every replica
-                for p in ([validation_path] if validation_path else [Path(p) for p in shard_paths]):
-                    os.utime(p, ns=(time.time_ns(), time.time_ns()))
-
-            single, t_single = one()
-            sharded, t_sharded = score_sharded(addresses, [[p] for p in shard_paths], **common)
-            touch()
-            _, t_single_cold = one()
-            touch()
-            _, t_sharded_cold = score_sharded(addresses, [[p] for p in shard_paths], **common)
-        finally:
-            for r in replicas:
-                r.stop()
-    by_id = {s.problem_id: s.score for s in single}
-    result = {
-        "replicas": n,
-        "threads_per_replica": cfg.replica_threads,
-        "one_replica_seconds": t_single,
-        "sharded_seconds": t_sharded,
-        "ratio": t_sharded / t_single,
-        "one_replica_seconds_with_validation_gradient": t_single_cold,
-        "sharded_seconds_with_validation_gradient": t_sharded_cold,
-        "ratio_with_validation_gradient": t_sharded_cold / t_single_cold,
-        "max_abs_diff_sharded_vs_one": max(abs(s.score - by_id[s.problem_id]) for s in sharded),
-    }
-    echo(
-        f"replicas: 1 process {t_single:.2f} s, {n} processes {t_sharded:.2f} s, ratio {result['ratio']:.2f} "
-        f"(with g_V recomputed: {t_single_cold:.2f} s vs {t_sharded_cold:.2f} s, ratio "
-        f"{result['ratio_with_validation_gradient']:.2f}); max |score diff| {result['max_abs_diff_sharded_vs_one']:.1e}"
-    )
-    return result
 
 
 # ----------------------------------------------------------------------------- printing

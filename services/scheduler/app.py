@@ -8,15 +8,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gradalign_common.logging_setup import configure_logging, get_logger
-from services.scheduler.api import install_error_handlers, router
 from services.scheduler.dashboard import router as dashboard_router
 from services.scheduler.auth import TokenStore
 from services.scheduler.dataset_service import DatasetService
 from services.scheduler.db import make_engine, make_session_factory
+from services.scheduler.errors import install_error_handlers
 from services.scheduler.migrate import upgrade
 from services.scheduler.events import make_event_bus
 from services.scheduler.experiments import ExperimentService
 from services.scheduler.orchestrator import Orchestrator
+from services.scheduler.routes import api_router
 from services.scheduler.settings import SchedulerSettings
 
 log = get_logger("gradalign.scheduler")
@@ -43,6 +44,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="GradAlign scheduler", version="0.1.0", lifespan=lifespan)
+    # built once, kept on app.state; routes receive them through services.scheduler.deps
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.bus = bus
@@ -53,7 +55,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     app.state.datasets = DatasetService(settings, sessions)
     if settings.bootstrap_token:
         app.state.tokens.ensure("bootstrap", settings.bootstrap_token)
-    app.include_router(router)
+    app.include_router(api_router)
     app.include_router(dashboard_router)
     install_error_handlers(app)
     return app

@@ -17,7 +17,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from gradalign_common.datasets import import_dataset
-from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
+from gradalign_common.errors import ConflictError, FieldError, InvalidInputError, NotFoundError
 from services.scheduler.datasets import BUILTIN_DATASETS, check_under_data_root
 from services.scheduler.db import Dataset
 from services.scheduler.settings import SchedulerSettings
@@ -37,15 +37,16 @@ class DatasetService:
             raise FieldError("name", f"{name!r} is a built-in dataset name")
         with self.sessions() as s:
             if s.scalar(select(Dataset).where(Dataset.name == name)) is not None:
-                raise InvalidInputError(f"a dataset named {name!r} already exists")
+                raise ConflictError(f"a dataset named {name!r} already exists")
 
-    def _store(self, name: str, inputs: list[tuple[Path, int | None]], seed: int, origin: dict) -> Dataset:
+    def _store(self, name: str, inputs: list[tuple[Path, int | None]], seed: int, origin: dict, input_field: str) -> Dataset:
+        """Import `inputs` as dataset `name`; a bad input is a FieldError on `input_field`, the request field it came from."""
         try:
             meta = import_dataset(inputs, name, self.out_dir, seed=seed)
         except FieldError:
             raise
         except InvalidInputError as exc:
-            raise FieldError(origin.get("field", "path"), str(exc)) from None
+            raise FieldError(input_field, str(exc)) from None
         with self.sessions() as s:
             row = Dataset(
                 name=name, path=meta["path"], n_rows=meta["n_problems"], data_sources=meta["data_sources"], origin=origin
@@ -60,13 +61,13 @@ class DatasetService:
             resolved = check_under_data_root(path, self.settings.data_root, self.settings.artifact_root)
         except InvalidInputError as exc:
             raise FieldError("path", str(exc)) from None
-        return self._store(name, [(resolved, None)], 0, {"kind": "register", "path": str(resolved), "field": "path"})
+        return self._store(name, [(resolved, None)], 0, {"kind": "register", "path": str(resolved)}, "path")
 
     def mix(self, name: str, sources: list[tuple[str, int]], seed: int) -> Dataset:
         self._check_new_name(name)
         inputs = [(Path(self.get(ds).path), count) for ds, count in sources]
-        origin = {"kind": "mix", "sources": [{"dataset": d, "count": c} for d, c in sources], "seed": seed, "field": "sources"}
-        return self._store(name, inputs, seed, origin)
+        origin = {"kind": "mix", "sources": [{"dataset": d, "count": c} for d, c in sources], "seed": seed}
+        return self._store(name, inputs, seed, origin, "sources")
 
     async def upload(self, name: str, fmt: str, body: AsyncIterator[bytes]) -> Dataset:
         """Stream the request body to a temporary file (refusing more than max_upload_bytes), then import it."""
@@ -84,9 +85,9 @@ class DatasetService:
                     fh.write(chunk)
             if size == 0:
                 raise FieldError("body", "the upload is empty")
-            origin = {"kind": "upload", "format": fmt, "bytes": size, "field": "body"}
+            origin = {"kind": "upload", "format": fmt, "bytes": size}
             try:
-                return await run_in_threadpool(self._store, name, [(tmp, None)], 0, origin)
+                return await run_in_threadpool(self._store, name, [(tmp, None)], 0, origin, "body")
             except FieldError as exc:  # name the upload, not our temporary file
                 raise FieldError(exc.field, exc.message.replace(str(tmp), "upload")) from None
         finally:

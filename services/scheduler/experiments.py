@@ -10,7 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.datasets import load_problems
-from gradalign_common.errors import FieldError, InvalidInputError, NotFoundError
+from gradalign_common.errors import ConflictError, FieldError, InvalidInputError, NotFoundError
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.modeling import check_model_dir
 from gradalign_common.records import read_rollouts
@@ -69,7 +69,7 @@ class ExperimentService:
         except InvalidInputError as exc:
             raise FieldError(field, str(exc)) from None
 
-    def list(self, status: str | None, offset: int, limit: int) -> tuple[list[Experiment], int]:
+    def list(self, status: ExperimentStatus | None, offset: int, limit: int) -> tuple[list[Experiment], int]:
         with self.sessions() as s:
             q = select(Experiment)
             if status:
@@ -91,7 +91,7 @@ class ExperimentService:
             if exp is None:
                 raise NotFoundError(f"experiment {exp_id} not found")
             if exp.status in TERMINAL:
-                raise InvalidInputError(f"experiment {exp_id} is already {exp.status}")
+                raise ConflictError(f"experiment {exp_id} is already {exp.status}")
             exp.status, exp.finished_at, exp.current_stage, exp.status_detail = ExperimentStatus.CANCELLED, utcnow(), None, None
             s.commit()
         self.bus.publish({"type": "experiment_cancelled", "experiment_id": exp_id})
@@ -104,7 +104,7 @@ class ExperimentService:
             if exp is None:
                 raise NotFoundError(f"experiment {exp_id} not found")
             if exp.status not in (ExperimentStatus.FAILED, ExperimentStatus.CANCELLED):
-                raise InvalidInputError(f"experiment {exp_id} is {exp.status}; only failed or cancelled experiments resume")
+                raise ConflictError(f"experiment {exp_id} is {exp.status}; only failed or cancelled experiments resume")
             exp.status = ExperimentStatus.RUNNING if exp.started_at else ExperimentStatus.PENDING
             exp.error, exp.finished_at, exp.status_detail = None, None, None
             exp.lease_owner, exp.lease_expires_at = None, None
@@ -162,13 +162,9 @@ class ExperimentService:
             ).all()
             return list(items), total
 
-    EXPORT_COLUMNS = (
-        "round", "problem_id", "n_responses", "accuracy", "mean_reward", "mean_response_length",
-        "score", "zero_advantage", "selected", "rank",
-    )
-
     def export_rows(self, exp_id: int, round_index: int | None = None):
-        """Every candidate of the experiment (or of one round) as tuples of EXPORT_COLUMNS, by round and rank."""
+        """Every candidate of the experiment (or of one round) as tuples in the order of
+        exports.CANDIDATE_COLUMNS, by round and rank."""
         self.get(exp_id)
         q = (
             select(

@@ -139,7 +139,8 @@ class ReadinessOut(BaseModel):
     checks: dict[str, bool]
 
 
-DatasetName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+DatasetName = Annotated[str, Field(min_length=1, max_length=128, pattern=DATASET_NAME_PATTERN)]
 
 
 class DatasetRegister(BaseModel):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.scoring_methods import parse_method
-from gradalign_common.selection import SelectionMode, get_mode, mode_names
+from gradalign_common.selection import mode_names
 
 
 class ExperimentSpec(BaseModel):
@@ -104,9 +104,6 @@ class ExperimentSpec(BaseModel):
                 f"(k * train_batch_size * iters_per_select) % chunk_size must be 0; got ({k} * {b} * {v}) % {m} = {(k * b * v) % m}"
             )
         return v
-
-    def selection_mode(self) -> SelectionMode:
-        return get_mode(self.mode)
 
     def scoring_dtype_request(self) -> str:
         """The dtype to put in score requests: "" leaves it to the scoring service's setting (auto)."""

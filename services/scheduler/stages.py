@@ -25,13 +25,17 @@ from sqlalchemy.orm import sessionmaker
 
 from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
+from gradalign_common.logging_setup import get_logger
 from gradalign_common.records import Problem, ScoreRecord, write_problems
-from gradalign_common.selection import ValidationSource, select_top
+from gradalign_common.round_policy import FALLBACK_MODE, chunk_positions, scoring_mode, select_round, stage_seed
+from gradalign_common.selection import ValidationSource
 from services.scheduler import workers
 from services.scheduler.bulk import insert_candidates, update_candidates
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep
 from services.scheduler.spec import StoredSpec
 from services.scheduler.workers import WorkerRejected
+
+log = get_logger("gradalign.stages")
 
 
 # ---- typed results ------------------------------------------------------------------------
@@ -56,6 +60,8 @@ class ValidationResult:
 class ScoreResult:
     paths: list[str]
     n_scored: int
+    mode: str = ""  # the mode the scores follow: the experiment's, or the round policy's fallback
+    fallback: str | None = None  # why the round fell back to FALLBACK_MODE (a zero validation gradient), if it did
 
 
 @dataclass(frozen=True)
@@ -139,15 +145,15 @@ class StageRuntime:
         base = f"{self.uid}/{self.round_index}/{stage}"
         return base if shard is None else f"{base}/{shard}-of-{n_shards}"
 
-    def seed(self, stage_offset: int) -> int:
-        return stage_seed(self.spec.seed, self.round_index, stage_offset)
+    def seed(self, stage: str) -> int:
+        return stage_seed(self.spec.seed, self.round_index, stage)
 
 
 # ---- the stages -----------------------------------------------------------------------------
 def rollout_train(rt: StageRuntime) -> StageOutcome:
     spec = rt.spec
     problems = _chunk_problems(rt)
-    paths, stats, compute = _generate(rt, "rollout_train", problems, n=spec.n_samples_train, seed=rt.seed(0))
+    paths, stats, compute = _generate(rt, "rollout_train", problems, n=spec.n_samples_train, seed=rt.seed("rollout_train"))
     with rt.platform.sessions() as s:
         s.execute(delete(Candidate).where(Candidate.round_id == rt.round_id))
         insert_candidates(
@@ -173,7 +179,7 @@ def rollout_train(rt: StageRuntime) -> StageOutcome:
 def rollout_val(rt: StageRuntime) -> StageOutcome:
     spec = rt.spec
     problems = list(rt.platform.dataset(spec.val_dataset_path).values())
-    paths, stats, compute = _generate(rt, "rollout_val", problems, n=spec.n_samples_val, seed=rt.seed(1))
+    paths, stats, compute = _generate(rt, "rollout_val", problems, n=spec.n_samples_val, seed=rt.seed("rollout_val"))
     total = sum(st.n_responses for st in stats)
     reward = sum(st.mean_reward * st.n_responses for st in stats) / total
     with rt.platform.sessions() as s:
@@ -182,9 +188,9 @@ def rollout_val(rt: StageRuntime) -> StageOutcome:
     return StageOutcome(ValidationResult(paths=paths, validation_reward=reward, validation_accuracy=weighted_accuracy(stats)), compute)
 
 
-def validation_paths(rt: StageRuntime) -> list[str]:
+def validation_paths(rt: StageRuntime, mode_name: str) -> list[str]:
     """The rollouts the mode's validation gradient comes from, as the mode says."""
-    source = rt.spec.selection_mode().validation
+    source = scoring_mode(mode_name, None).validation
     if source is ValidationSource.CANDIDATES:  # LearnAlign-style: the round's candidates themselves
         return rt.previous.get("rollout_train", RolloutResult).paths
     if source is ValidationSource.EXTERNAL:
@@ -193,40 +199,25 @@ def validation_paths(rt: StageRuntime) -> list[str]:
 
 
 def score(rt: StageRuntime) -> StageOutcome:
-    spec, platform = rt.spec, rt.platform
-    candidate_paths = rt.previous.get("rollout_train", RolloutResult).paths
-    val_paths = validation_paths(rt)
-    addresses = platform.addresses("scoring")
-    shards = [candidate_paths[i :: len(addresses)] for i in range(len(addresses))]
-    jobs = [(i, addresses[i], paths) for i, paths in enumerate(shards) if paths]
-    progress = platform.progress(rt, "score", len(jobs))
-
-    def run(job):
-        i, address, paths = job
-        request = scoring_pb2.ScoreRequest(
-            request_id=rt.request_id("score", i, len(addresses)),
-            checkpoint=rt.checkpoint_in,
-            candidate_paths=paths,
-            validation_paths=val_paths,
-            mode=spec.mode,
-            method=spec.scoring_method,
-            dtype=spec.scoring_dtype_request(),
-            seed=rt.seed(2),
-            output_path=str(platform.store.scores_path(rt.uid, rt.round_index, i)),
-        )
-        return platform.call(
-            rt, "scoring", address,
-            lambda scope: workers.score(address, platform.worker_deadline_s, request, progress(i), scope),
-        )
-
-    results = run_parallel(run, jobs)
+    """Score the candidates with the experiment's mode; when the validation gradient is zero (the scoring
+    service answers FAILED_PRECONDITION), score them again by the round policy's fallback mode and say why."""
+    fallback = None
+    try:
+        results = _score_shards(rt, rt.spec.mode, "score")
+    except WorkerRejected as exc:
+        if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        fallback = exc.detail
+        log.warning("score_fallback", experiment=rt.experiment_id, round=rt.round_index, mode=FALLBACK_MODE, reason=fallback)
+        rt.platform.publish(rt.experiment_id, "score_fallback", round=rt.round_index, mode=FALLBACK_MODE, reason=fallback)
+        results = _score_shards(rt, FALLBACK_MODE, f"score-{FALLBACK_MODE}")
     by_id = {sc.problem_id: sc for scores, _ in results for sc in scores}
-    with platform.sessions() as s:
+    with rt.platform.sessions() as s:
         rows = s.execute(sql_select(Candidate.id, Candidate.problem_id).where(Candidate.round_id == rt.round_id)).all()
         missing = [pid for _, pid in rows if pid not in by_id]
         if missing:
             raise WorkerRejected(
-                "scoring", ",".join(addresses), grpc.StatusCode.INTERNAL, f"no score for {len(missing)} candidates, e.g. {missing[:3]}"
+                "scoring", "", grpc.StatusCode.INTERNAL, f"no score for {len(missing)} candidates, e.g. {missing[:3]}"
             )
         update_candidates(
             s,
@@ -237,17 +228,52 @@ def score(rt: StageRuntime) -> StageOutcome:
         )
         s.commit()
     compute = max(summary.compute_seconds for _, summary in results)
-    return StageOutcome(ScoreResult(paths=[summary.output_path for _, summary in results], n_scored=len(by_id)), compute)
+    result = ScoreResult(
+        paths=[summary.output_path for _, summary in results], n_scored=len(by_id),
+        mode=scoring_mode(rt.spec.mode, fallback).name, fallback=fallback,
+    )
+    return StageOutcome(result, compute)
+
+
+def _score_shards(rt: StageRuntime, mode_name: str, key: str) -> list:
+    """Score the candidate shards over the ready scoring replicas with `mode_name`; (scores, summary) per shard."""
+    spec, platform = rt.spec, rt.platform
+    candidate_paths = rt.previous.get("rollout_train", RolloutResult).paths
+    val_paths = validation_paths(rt, mode_name)
+    addresses = platform.addresses("scoring")
+    shards = [candidate_paths[i :: len(addresses)] for i in range(len(addresses))]
+    jobs = [(i, addresses[i], paths) for i, paths in enumerate(shards) if paths]
+    progress = platform.progress(rt, "score", len(jobs))
+
+    def run(job):
+        i, address, paths = job
+        request = scoring_pb2.ScoreRequest(
+            request_id=rt.request_id(key, i, len(addresses)),
+            checkpoint=rt.checkpoint_in,
+            candidate_paths=paths,
+            validation_paths=val_paths,
+            mode=mode_name,
+            method=spec.scoring_method,
+            dtype=spec.scoring_dtype_request(),
+            seed=rt.seed("score"),
+            output_path=str(platform.store.scores_path(rt.uid, rt.round_index, i)),
+        )
+        return platform.call(
+            rt, "scoring", address,
+            lambda scope: workers.score(address, platform.worker_deadline_s, request, progress(i), scope),
+        )
+
+    return run_parallel(run, jobs)
 
 
 def select(rt: StageRuntime) -> StageOutcome:
     spec = rt.spec
     started = time.perf_counter()
-    n_keep = spec.chunk_size // spec.k
+    fallback = rt.previous.get("score", ScoreResult).fallback
     with rt.platform.sessions() as s:
         rows = s.scalars(sql_select(Candidate).where(Candidate.round_id == rt.round_id)).all()
         records = [ScoreRecord(c.problem_id, c.score, c.accuracy, c.n_responses, bool(c.zero_advantage)) for c in rows]
-        chosen = select_top(records, spec.selection_mode(), n_keep)
+        chosen = select_round(records, spec.mode, spec.chunk_size, spec.k, fallback)
         rank = {pid: i for i, pid in enumerate(chosen)}
         for c in rows:
             c.selected, c.rank = c.problem_id in rank, rank.get(c.problem_id)
@@ -276,8 +302,8 @@ def train(rt: StageRuntime) -> StageOutcome:
             max_grad_norm=spec.max_grad_norm,
             micro_batch_size=spec.micro_batch_size,
             weight_decay=spec.weight_decay,
-            sampling=workers.sampling_params(spec.n_samples_train, spec.max_tokens, spec.temperature, spec.top_p, rt.seed(3)),
-            seed=rt.seed(3),
+            sampling=workers.sampling_params(spec.n_samples_train, spec.max_tokens, spec.temperature, spec.top_p, rt.seed("train")),
+            seed=rt.seed("train"),
         ),
     )
     with platform.sessions() as s:
@@ -356,20 +382,18 @@ def _generate(rt: StageRuntime, stage: str, problems: list[Problem], n: int, see
 
 
 def _chunk_problems(rt: StageRuntime) -> list[Problem]:
-    """Round r's candidates: pool positions [r*M, (r+1)*M) mod pool size, in order, without repeats."""
-    m = rt.spec.chunk_size
+    """Round r's candidates (gradalign_common.round_policy.chunk_positions over the stored pool order)."""
     with rt.platform.sessions() as s:
         pool_size = s.get(Experiment, rt.experiment_id).pool_size
-        positions = sorted({(rt.round_index * m + i) % pool_size for i in range(m)})
+        positions = chunk_positions(rt.round_index, rt.spec.chunk_size, pool_size)
         rows = s.execute(
             sql_select(PoolProblem.position, PoolProblem.problem_id).where(
-                PoolProblem.experiment_id == rt.experiment_id, PoolProblem.position.in_(positions)
+                PoolProblem.experiment_id == rt.experiment_id, PoolProblem.position.in_(set(positions))
             )
         ).all()
-    order = {pos: pid for pos, pid in rows}
+    at = dict(rows)
     pool = rt.platform.dataset(rt.spec.train_dataset_path)
-    ids = [order[(rt.round_index * m + i) % pool_size] for i in range(m)]
-    return [pool[pid] for pid in dict.fromkeys(ids)]
+    return [pool[pid] for pid in dict.fromkeys(at[p] for p in positions)]
 
 
 def run_parallel(fn, jobs: list) -> list:
@@ -377,10 +401,6 @@ def run_parallel(fn, jobs: list) -> list:
         return [fn(jobs[0])]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         return list(pool.map(fn, jobs))
-
-
-def stage_seed(seed: int, round_index: int, stage_offset: int) -> int:
-    return (seed * 1_000_003 + round_index * 101 + stage_offset * 7) % (2**31 - 1)
 
 
 def weighted_accuracy(stats) -> float | None:

@@ -1,14 +1,20 @@
 """The scoring service: scores candidate problems by the alignment of their GRPO gradients
 with a validation gradient (shared/spec/gradalign-score.md).
 
+- score_request: score one request (the service, the `gradalign score` command and the
+  benchmark all go through it); gradient_source: whether and from what a request needs g_V.
 - engine: the scoring engine (ScoringEngine): exact scores at the cost of one training step
   over the candidates' tokens, optional Adam preconditioning, approximate methods by name.
-- pergroup: per-group gradient statistics from batched forward/backward passes (hooks).
-- the scoring methods by name (gradalign_common.scoring_methods: exact, exact-loop, project[-K], top-layers[-N], fewer-responses[-M]).
-- server: the gRPC ScoringService.
-- replicas: scorer processes, and a round sharded over them.
-- cli: the `gradalign score` command.
-- settings: the service's settings (GRADALIGN_SCORING_*).
+- methods: the registry of scoring-method implementations (exact, exact-loop, project[-K],
+  top-layers[-N], fewer-responses[-M]; their names in gradalign_common.scoring_methods).
+- the core of exact scoring, batched: layout (where a model's trainable parameters live),
+  batching (groups packed into batches), passes (one forward and backward, with hooks),
+  exact_collector (each group's exact signals from the hooks); projection (the project method);
+  exact_loop (one backward per group: exact's reference and fallback).
+- groups (GRPO groups and loss weights), loss (the scored loss), score_records (signals to
+  ScoreRecords; modes without gradients).
+- server: the gRPC ScoringService. replicas: scorer processes, and a round sharded over them.
+- cli: the `gradalign score` command. settings: the service's settings (GRADALIGN_SCORING_*).
 Selection modes and ranking live in gradalign_common.selection; the optimizer state file in
 gradalign_common.optimizer_state; the benchmark in services.bench.scoring.
 """

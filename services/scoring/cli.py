@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from tqdm import tqdm
 
@@ -19,9 +20,11 @@ from gradalign_common.modeling import check_model_dir, dtype_on
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.selection import get_mode, mode_names
-from services.scoring.engine import ScoringEngine, parse_device, score_without_gradients
-from gradalign_common.scoring_methods import METHODS, parse_method
-from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
+from gradalign_common.scoring_methods import METHODS, MethodSpec, parse_method
+from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
+from services.scoring.engine import ScoringEngine, parse_device
+from services.scoring.gradient_source import GradientSource, gradient_source
+from services.scoring.score_request import score_request
 
 BAD_INPUT_EXIT_CODE = 2
 
@@ -30,7 +33,8 @@ def score_command(
     model: Path = typer.Option(..., "--model", help="Hugging Face model directory (the current policy)."),
     candidates: Path = typer.Option(..., "--candidates", help="Candidate rollouts (JSONL or parquet)."),
     validation: Optional[Path] = typer.Option(
-        None, "--validation", help="Validation rollouts (JSONL or parquet); needed by sim, dot, simacc, negsim."
+        None, "--validation", help="Validation rollouts (JSONL or parquet); needed by sim, dot, simacc, negsim; for align, used "
+        "instead of the candidates' own rollouts (a round sharded over several commands)."
     ),
     mode: str = typer.Option(..., "--mode", help=f"Selection mode: {', '.join(mode_names())}."),
     method: str = typer.Option(
@@ -80,25 +84,25 @@ def _score(
     dtype = dtype_on(dtype_name, device)
     check_model_dir(model)
     state = read_optimizer_state(optimizer_state) if optimizer_state is not None else None
-    if mode.needs_validation and validation_path is None:
-        raise InvalidInputError(f"mode {mode.name!r} needs --validation")
+    source = gradient_source(mode, validation_path is not None, "--validation")  # a missing --validation: refused early
     candidates = read_rollouts(candidates_path)
-    if not mode.needs_gradients:
-        return score_without_gradients(candidates, mode, seed)
-    validation = read_rollouts(validation_path) if mode.needs_validation else None
-    engine = ScoringEngine.from_pretrained(model, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
-    preconditioner = None if state is None else engine.preconditioner(state, key=file_fingerprint(optimizer_state))
-    g_v = None
-    if validation is not None:
+    validation = read_rollouts(validation_path) if source is GradientSource.VALIDATION else None
+
+    def validation_gradient(engine: ScoringEngine, spec: MethodSpec, preconditioner) -> torch.Tensor:
         with _progress_bar(len(group_rollouts(validation)), "validation gradient") as bar:
-            g_v = engine.validation_gradient(
-                validation, progress=_updater(bar), method=spec, preconditioner=preconditioner
-            )
+            return engine.validation_gradient(validation, _updater(bar), method=spec, preconditioner=preconditioner)
+
+    def preconditioner(engine: ScoringEngine):
+        return None if state is None else engine.preconditioner(state, key=file_fingerprint(optimizer_state))
+
+    scores = score_request(
+        candidates, mode, method=spec, seed=seed, validation_name="--validation",
+        engine=lambda: ScoringEngine.from_pretrained(model, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens),
+        validation_gradient=validation_gradient if validation is not None else None,
+        preconditioner=preconditioner,
+        progress=lambda done, total: bar.update(done - bar.n),  # the bar below: scores come as they are consumed
+    )  # fmt: skip
     with _progress_bar(len(group_rollouts(candidates)), f"scoring ({mode.name}, {spec.name})") as bar:
-        scores = engine.score(
-            candidates, mode, validation_gradient=g_v, method=spec, preconditioner=preconditioner, seed=seed,
-            progress=_updater(bar),
-        )
         return list(scores)
 
 

@@ -23,6 +23,7 @@ ALREADY_EXISTS (gradalign_common.request_identity).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -42,9 +43,11 @@ from gradalign_common.request_gate import RequestGate
 from gradalign_common.request_identity import check_request, record_request, request_fingerprint
 from gradalign_common.modeling import checkpoint_fingerprint, dtype_on
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
-from gradalign_common.selection import ValidationSource, get_mode
-from services.scoring.engine import Preconditioner, ScoringEngine, score_without_gradients
 from gradalign_common.scoring_methods import MethodSpec, parse_method
+from gradalign_common.selection import get_mode
+from services.scoring.engine import Preconditioner, ScoringEngine
+from services.scoring.gradient_source import GradientSource, gradient_source
+from services.scoring.score_request import score_request
 from services.scoring.settings import ScoringSettings
 
 SERVICE_NAME = "gradalign.v1.ScoringService"
@@ -119,10 +122,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         mode = get_mode(request.mode)
         method = parse_method(request.method or "exact")
         dtype = dtype_on(request.dtype or self.settings.dtype, self.settings.device)
-        if mode.needs_gradients and not request.checkpoint:
+        source = gradient_source(mode, bool(request.validation_paths), "validation_paths")
+        needs_model = source is not GradientSource.NONE
+        if needs_model and not request.checkpoint:
             raise InvalidInputError(f"mode {mode.name!r} needs a checkpoint")
-        if mode.needs_validation and not request.validation_paths:
-            raise InvalidInputError(f"mode {mode.name!r} needs validation_paths")
         fingerprint = request_fingerprint(request)
         if request.output_path:
             check_request(request.output_path, request.request_id, fingerprint)
@@ -131,34 +134,30 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         yield _progress_event(0, total)
 
         scores: list[ScoreRecord] = []
-        cached = False
-        if not mode.needs_gradients:
-            for record in score_without_gradients(candidates, mode, request.seed):
+        cached: list[bool] = [False]  # whether g_V came from the cache
+
+        def engine() -> ScoringEngine:
+            loaded = self._engine(request.checkpoint, dtype)
+            stop_if_cancelled(context, "after loading the checkpoint")
+            return loaded
+
+        def validation_gradient(loaded: ScoringEngine, spec: MethodSpec, p: Preconditioner | None) -> torch.Tensor:
+            g_v, cached[0] = self._validation_gradient(
+                request.validation_paths, spec, p,
+                progress=lambda done, total: stop_if_cancelled(context, f"validation gradient: {done} of {total} groups"),
+            )
+            return g_v
+
+        with self._lock if needs_model else contextlib.nullcontext():  # one model-using request at a time
+            for record in score_request(
+                candidates, mode, engine=engine,
+                validation_gradient=validation_gradient if request.validation_paths else None,
+                preconditioner=lambda loaded: self._preconditioner(loaded, request.optimizer_state_path),
+                method=method, seed=request.seed, validation_name="validation_paths",
+            ):
                 scores.append(record)
                 yield _score_event(record)
                 yield _progress_event(len(scores), total)
-        else:
-            with self._lock:
-                engine = self._engine(request.checkpoint, dtype)
-                stop_if_cancelled(context, "after loading the checkpoint")
-                preconditioner = self._preconditioner(engine, request.optimizer_state_path)
-                g_v = None
-                if mode.needs_validation or (
-                    mode.validation is ValidationSource.CANDIDATES and request.validation_paths
-                ):
-                    g_v, cached = self._validation_gradient(
-                        request.validation_paths, method, preconditioner,
-                        progress=lambda done, total: stop_if_cancelled(
-                            context, f"validation gradient: {done} of {total} groups"
-                        ),
-                    )
-                for record in engine.score(
-                    candidates, mode, validation_gradient=g_v, method=method, preconditioner=preconditioner,
-                    seed=request.seed,
-                ):
-                    scores.append(record)
-                    yield _score_event(record)
-                    yield _progress_event(len(scores), total)
 
         stop_if_cancelled(context, f"{len(scores)} of {total} groups scored")  # cancelled late: no scores file
         if request.output_path:
@@ -166,13 +165,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             record_request(request.output_path, request.request_id, fingerprint)
         seconds = time.perf_counter() - started
         log.info("scored", request_id=request.request_id, mode=mode.name, method=method.name, n_problems=len(scores),
-                 seconds=round(seconds, 3), validation_gradient_cached=cached)
+                 seconds=round(seconds, 3), validation_gradient_cached=cached[0])
         yield scoring_pb2.ScoreEvent(
             summary=scoring_pb2.ScoreSummary(
                 output_path=request.output_path,
                 n_problems=len(scores),
                 compute_seconds=seconds,
-                validation_gradient_cached=cached,
+                validation_gradient_cached=cached[0],
             )
         )
 

@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from gradalign_common.settings import WorkerSettings
-from services.scoring.pergroup import DEFAULT_MAX_BATCH_TOKENS
+from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
 class ScoringSettings(WorkerSettings):

@@ -9,8 +9,11 @@ Aggregation is the token mean over every valid response token of the batch
 accumulation, pass the batch's total token count as `num_tokens`: each micro-batch
 then returns its share, and the shares sum to the batch's token mean.
 
-Policy-loss modes live in a small registry, like verl's `register_policy_loss`;
-"vanilla" is the clipped PPO surrogate.
+Policy-loss modes live in a small registry, like verl's `register_policy_loss`, under the
+names verl's `actor.policy_loss.loss_mode` uses; "vanilla" is the clipped PPO surrogate.
+The trainer's `policy_loss` setting (GRADALIGN_TRAINER_POLICY_LOSS, default "vanilla") picks
+one: validated against this registry at start-up, it reaches GRPOConfig.policy_loss (the torch
+backend calls it; the verl backend passes the name to verl).
 """
 
 from __future__ import annotations

@@ -2,21 +2,23 @@
 
 A request names a starting checkpoint, a parquet file of the selected problems and the
 directory to write the next checkpoint to. The service validates everything it can
-before touching the model, runs the GRPO loop streaming one StepMetrics per optimizer
-step, writes the checkpoint, then sends one TrainResult. Two backends (settings.backend):
-`torch` runs services.trainer.grpo in this process; `verl` runs verl's GRPO trainer and
-model merger as subprocesses (services.trainer.verl_backend).
+before touching the model, then a training backend (settings.backend, services.trainer.backends)
+runs GRPO, streaming one StepMetrics per optimizer step, writes the checkpoint, and the service
+sends one TrainResult. `torch` runs services.trainer.grpo in this process
+(services.trainer.backends.torch); `verl` runs verl's GRPO trainer and model merger as
+subprocesses (services.trainer.backends.verl).
 
 Atomicity and retries: the new checkpoint is built in a temporary directory beside
 `output_checkpoint` (the model + a `gradalign-train.json` marker holding the request id,
-the step metrics and the compute time, + the optimizer state when asked) and renamed
-into place only when complete, so a failed or killed trainer leaves nothing at
-`output_checkpoint` (a killed trainer's temporaries are swept at the next start-up,
-services.trainer.retention). A request whose `request_id` matches the marker of an
-existing `output_checkpoint` is answered from the marker (the recorded step metrics,
-then the result) without training again. The marker also holds the request body's fingerprint
-(gradalign_common.request_identity): the same request_id with a different body is refused with
-ALREADY_EXISTS; a marker without a fingerprint (written before fingerprints) is answered as before.
+the step metrics and the compute time, services.trainer.marker, + the optimizer state when
+asked) and renamed into place only when complete, so a failed or killed trainer leaves nothing
+at `output_checkpoint` (a killed trainer's temporaries are swept at the next start-up,
+gradalign_common.checkpoint_retention.sweep_stale_checkpoint_temporaries). A request whose
+`request_id` matches the marker of an existing `output_checkpoint` is answered from the marker
+(the recorded step metrics, then the result) without training again. The marker also holds the
+request body's fingerprint (gradalign_common.request_identity): the same request_id with a
+different body is refused with ALREADY_EXISTS; a marker without a fingerprint (written before
+fingerprints) is answered as before.
 
 Rollout reuse (`rollouts_paths`, torch backend): the first step takes its batch's
 responses from the scoring stage's rollout shards (services.trainer.reuse).
@@ -24,15 +26,14 @@ KL reference (torch backend): `reference_checkpoint` (the run's initial model), 
 starting checkpoint; loaded only when kl_coef > 0 and kept loaded between requests. The verl
 backend cannot point verl 0.9.1's reference elsewhere: its reference is the starting checkpoint.
 Optimizer state (`export_optimizer_state`, torch backend): AdamW's exp_avg_sq after the
-last step, written with gradalign_common.optimizer_state inside the new checkpoint at
-OPTIMIZER_STATE_NAME (a subdirectory, so model loaders that glob *.safetensors in the
-checkpoint never see it); TrainResult.optimizer_state_path names it.
+last step, inside the new checkpoint; TrainResult.optimizer_state_path names it.
 
 Hyperparameters: proto3 cannot tell an unset number from 0, so 0 means "the default"
 for clip_eps (0.2), max_grad_norm (1.0), micro_batch_size (16) and sampling.top_p (1.0);
 weight_decay 0 is no decay. steps, batch_size, learning_rate, sampling.n (>= 2),
 sampling.max_tokens and sampling.temperature must be set. Per-step sampling seeds derive
-from hyperparams.seed; sampling.seed is not used.
+from hyperparams.seed; sampling.seed is not used. The policy loss is the service's
+(settings.policy_loss, a name in services.trainer.losses), not the request's.
 TrainResult.compute_seconds is the time spent loading and training (not saving).
 One request trains at a time; others wait, up to settings.max_concurrent_requests requests in
 all; any more get RESOURCE_EXHAUSTED (gradalign_common.request_gate). A cancelled call stops
@@ -41,56 +42,38 @@ before the next step (torch) or ends verl's process group (verl), and writes no 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import threading
-import time
-from dataclasses import dataclass
+from contextlib import closing
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import grpc
 
-from gradalign_common.artifacts import atomic_path
+from gradalign_common.checkpoint_retention import sweep_stale_checkpoint_temporaries
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
 from gradalign_common.logging_setup import configure_logging, get_logger
-from gradalign_common.model_cache import ModelCache
-from gradalign_common.modeling import (
-    check_model_dir,
-    configure_torch_threads,
-    load_model,
-    load_tokenizer,
-    save_checkpoint,
-)
-from gradalign_common.optimizer_state import state_from_torch_optimizer, write_optimizer_state
+from gradalign_common.modeling import check_model_dir, configure_torch_threads
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
-from gradalign_common.records import Problem, RolloutRecord, read_problems
+from gradalign_common.records import read_problems
 from gradalign_common.request_gate import RequestGate
 from gradalign_common.request_identity import is_same_request, request_fingerprint
-from services.trainer.grpo import GRPOConfig, GRPOTrainer, StepMetrics
-from gradalign_common.checkpoint_retention import sweep_stale_checkpoint_temporaries
-from services.trainer.reuse import first_batch_rollouts
+from services.trainer.backends import Cancellation, TrainOutcome, create_backend
+from services.trainer.grpo import GRPOConfig, StepMetrics
+from services.trainer.marker import MARKER_NAME, read_marker
+from services.trainer.plan import TrainPlan
 from services.trainer.settings import TrainerSettings
-from services.trainer.verl_backend import (
-    VerlRunError,
-    check_problems,
-    check_verl_request,
-    iter_verl,
-    new_work_dir,
-    prepare_job,
-)
+
+__all__ = ["MARKER_NAME", "SERVICE_NAME", "TrainerServicer", "config_from_proto", "create_server", "main", "serve"]
 
 SERVICE_NAME = "gradalign.v1.TrainerService"
-MARKER_NAME = "gradalign-train.json"
-OPTIMIZER_STATE_NAME = "gradalign-optimizer/adam_second_moment.safetensors"
 
 log = get_logger("gradalign.trainer")
 
 
-def config_from_proto(hp: training_pb2.TrainHyperparams) -> GRPOConfig:
-    """GRPOConfig from the request's hyperparameters; InvalidInputError names the bad field."""
+def config_from_proto(hp: training_pb2.TrainHyperparams, policy_loss: str | None = None) -> GRPOConfig:
+    """GRPOConfig from the request's hyperparameters (and the service's policy loss, default GRPOConfig's);
+    InvalidInputError names the bad field."""
     s: common_pb2.SamplingParams = hp.sampling
     required = [
         ("hyperparams.steps", hp.steps >= 1, "must be >= 1"),
@@ -121,6 +104,7 @@ def config_from_proto(hp: training_pb2.TrainHyperparams) -> GRPOConfig:
         seed=hp.seed,
         weight_decay=hp.weight_decay,
         stop=tuple(s.stop),
+        policy_loss=policy_loss or defaults.policy_loss,
     )
     try:
         config.validate()
@@ -147,40 +131,6 @@ def result_event(
     )
 
 
-def read_marker(checkpoint_dir: Path) -> dict | None:
-    """The training marker of a finished checkpoint directory, or None when absent or unreadable."""
-    try:
-        marker = json.loads((checkpoint_dir / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def _write_marker(staging: Path, marker: dict) -> None:
-    with open(staging / MARKER_NAME, "w") as fh:
-        json.dump(marker, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def write_checkpoint(
-    model, tokenizer, dest: Path, marker: dict, extra: Callable[[Path], None] | None = None
-) -> None:
-    """Build the checkpoint (+ whatever `extra(staging)` adds) and its marker in a temporary directory,
-    then rename it onto dest."""
-    with atomic_path(dest) as staging:
-        save_checkpoint(model, tokenizer, staging)
-        if extra is not None:
-            extra(staging)
-        _write_marker(staging, marker)
-
-
-def write_optimizer_state_of(model, optimizer, path: Path) -> Path:
-    """AdamW's second moments of `model` (gradalign_common.optimizer_state format) to path."""
-    state = state_from_torch_optimizer(model, optimizer)
-    return write_optimizer_state(path, state.exp_avg_sq, step=state.step, beta2=state.beta2, eps=state.eps)
-
-
 def startup_housekeeping(settings: TrainerSettings) -> list[Path]:
     """Remove the temporaries a killed trainer left (checkpoint root, verl scratch); returns them."""
     if settings.stale_temp_minutes is None:
@@ -192,38 +142,12 @@ def startup_housekeeping(settings: TrainerSettings) -> list[Path]:
     return removed
 
 
-@dataclass
-class TrainPlan:
-    """A validated request: everything the training needs, resolved to paths."""
-
-    request_id: str
-    fingerprint: str  # of the request body (gradalign_common.request_identity)
-    config: GRPOConfig
-    checkpoint: Path
-    reference: Path | None  # the KL reference; None without KL
-    problems_path: Path
-    problems: list[Problem]
-    output: Path
-    rollouts_paths: list[Path]
-    reused: dict[str, list[RolloutRecord]]
-    export_optimizer_state: bool
-
-    def marker(self, backend: str, history: list[StepMetrics], compute_seconds: float, optimizer_state: str | None):
-        return {
-            "request_id": self.request_id,
-            "fingerprint": self.fingerprint,
-            "backend": backend,
-            "checkpoint": str(self.checkpoint),
-            "reference_checkpoint": str(self.reference) if self.reference else None,
-            "problems_path": str(self.problems_path),
-            "rollouts_paths": [str(p) for p in self.rollouts_paths],
-            "reused_problems": sorted(pid for pid, rs in self.reused.items() if len(rs) >= self.config.n_samples),
-            "steps": len(history),
-            "compute_seconds": compute_seconds,
-            "config": {**self.config.__dict__, "stop": list(self.config.stop)},
-            "metrics": [m.as_dict() for m in history],
-            "optimizer_state": optimizer_state,
-        }
+def cancellation_of(context: grpc.ServicerContext) -> Cancellation:
+    """The backend's view of the call's cancellation (stop_if_cancelled of gradalign_common.grpc_utils)."""
+    return Cancellation(
+        is_cancelled=lambda: not context.is_active(),
+        stop_if_cancelled=lambda where: stop_if_cancelled(context, where),
+    )
 
 
 class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
@@ -231,8 +155,7 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
         self.settings = settings
         self._lock = threading.Lock()  # one training at a time: it uses the whole device
         self.gate = RequestGate("trainer", settings.max_concurrent_requests)
-        # the KL reference (the run's initial model) is the same every round: keep it loaded
-        self._references = ModelCache(device=settings.device, dtype=settings.dtype)
+        self.backend = create_backend(settings)
 
     @rpc_errors("trainer")
     def Train(
@@ -261,20 +184,20 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             )
             return
 
-        plan = self._plan(request, output, fingerprint)
-        with self._lock:
-            if self.settings.backend == "verl":
-                yield from self._train_verl(plan, context)
-            else:
-                yield from self._train_torch(plan, context)
+        plan = self.backend.adapt(self._plan(request, output, fingerprint))
+        # closing: a call that ends early (cancelled, failed) ends the backend's run too, under the lock
+        with self._lock, closing(self.backend.train(plan, cancellation_of(context))) as training:
+            for item in training:
+                yield self._finished(plan, item) if isinstance(item, TrainOutcome) else step_event(item)
 
     def _plan(self, request: training_pb2.TrainRequest, output: Path, fingerprint: str) -> TrainPlan:
-        """Validate the request (raising InvalidInputError/NotFoundError) before anything is loaded or written."""
+        """Validate the request (raising InvalidInputError/NotFoundError) before anything is loaded or written;
+        the backend's own checks follow (TrainBackend.adapt)."""
         if not request.checkpoint:
             raise InvalidInputError("checkpoint is required")
         if not request.problems_path:
             raise InvalidInputError("problems_path is required")
-        config = config_from_proto(request.hyperparams)
+        config = config_from_proto(request.hyperparams, self.settings.policy_loss)
         checkpoint = check_model_dir(self.settings.checkpoint_path(request.checkpoint))
         if output.resolve() == checkpoint:
             raise InvalidInputError(f"output_checkpoint must differ from checkpoint ({checkpoint})")
@@ -291,18 +214,6 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             raise InvalidInputError(
                 f"hyperparams.batch_size {config.batch_size} is larger than the selection ({len(problems)} problems)"
             )
-        rollouts_paths = [self.settings.artifact_path(p) for p in request.rollouts_paths if p]
-        reused: dict[str, list[RolloutRecord]] = {}
-        if self.settings.backend == "verl":
-            check_problems(problems)
-            if request.export_optimizer_state:
-                raise InvalidInputError("export_optimizer_state is not supported by the verl backend")
-            check_verl_request(config, len(problems), self.settings.verl_options())
-            if rollouts_paths:
-                log.info("rollout_reuse_ignored", reason="the verl backend samples every step", paths=len(rollouts_paths))
-                rollouts_paths = []
-        elif rollouts_paths:
-            reused = first_batch_rollouts(rollouts_paths, problems, config)
         return TrainPlan(
             request_id=request.request_id,
             fingerprint=fingerprint,
@@ -312,109 +223,21 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
             problems_path=problems_path,
             problems=problems,
             output=output,
-            rollouts_paths=rollouts_paths,
-            reused=reused,
+            rollouts_paths=[self.settings.artifact_path(p) for p in request.rollouts_paths if p],
+            reused={},
             export_optimizer_state=request.export_optimizer_state,
         )
 
-    def _reference_model(self, reference: Path):
-        with self._references.lock:
-            model, _ = self._references.get(reference)
-        return model
-
-    def _train_torch(self, plan: TrainPlan, context: grpc.ServicerContext) -> Iterator[training_pb2.TrainEvent]:
-        config = plan.config
-        start = time.perf_counter()
-        model = load_model(plan.checkpoint, device=self.settings.device, dtype=self.settings.dtype)
-        tokenizer = load_tokenizer(plan.checkpoint)
-        ref_model = self._reference_model(plan.reference) if plan.reference is not None else None
-        trainer = GRPOTrainer(model, tokenizer, plan.problems, config, ref_model=ref_model, first_batch_rollouts=plan.reused)
-        log.info(
-            "train_started",
-            request_id=plan.request_id,
-            backend="torch",
-            checkpoint=str(plan.checkpoint),
-            problems=len(plan.problems),
-            reused_problems=sum(len(rs) >= config.n_samples for rs in plan.reused.values()),
-        )
-        history: list[StepMetrics] = []
-        for _ in range(config.steps):
-            stop_if_cancelled(context, f"{len(history)} of {config.steps} steps done")
-            metrics = trainer.step()
-            history.append(metrics)
-            yield step_event(metrics)
-        stop_if_cancelled(context, f"{len(history)} of {config.steps} steps done")  # cancelled late: no checkpoint
-        compute_seconds = time.perf_counter() - start
-
-        state_name = OPTIMIZER_STATE_NAME if plan.export_optimizer_state else None
-
-        def add_optimizer_state(staging: Path) -> None:
-            write_optimizer_state_of(model, trainer.optimizer, staging / OPTIMIZER_STATE_NAME)
-
-        marker = plan.marker("torch", history, compute_seconds, state_name)
-        write_checkpoint(model, tokenizer, plan.output, marker, add_optimizer_state if state_name else None)
-        yield self._finished(plan, history, compute_seconds, state_name)
-
-    def _train_verl(self, plan: TrainPlan, context: grpc.ServicerContext) -> Iterator[training_pb2.TrainEvent]:
-        settings = self.settings
-        options = settings.verl_options()
-        start = time.perf_counter()
-        history: list[StepMetrics] = []
-        work_root = settings.verl_work_dir if settings.verl_work_dir is not None else plan.output.parent
-        work_dir = new_work_dir(work_root, plan.output.name)
-        log.info("train_started", request_id=plan.request_id, backend="verl", work_dir=str(work_dir))
-        try:
-            with atomic_path(plan.output) as staging:
-                job = prepare_job(
-                    plan.problems,
-                    plan.config,
-                    model_path=plan.checkpoint,
-                    output_dir=staging,
-                    work_dir=work_dir,
-                    options=options,
-                    reference_path=plan.reference,
-                    tokenizer=load_tokenizer(plan.checkpoint),
-                    experiment_name=plan.output.name,
-                )
-                try:
-                    for metrics in iter_verl(
-                        job,
-                        plan.config,
-                        options.n_gpus,
-                        should_stop=lambda: not context.is_active(),
-                        timeout_s=settings.verl_timeout_s,
-                    ):
-                        history.append(metrics)
-                        yield step_event(metrics)
-                except VerlRunError:
-                    if not context.is_active():
-                        log.info("train_cancelled", request_id=plan.request_id, steps_done=len(history))
-                        raise _Cancelled() from None
-                    raise
-                compute_seconds = time.perf_counter() - start
-                _write_marker(staging, plan.marker("verl", history, compute_seconds, None))
-        except _Cancelled:
-            return
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        yield self._finished(plan, history, compute_seconds, None)
-
-    def _finished(
-        self, plan: TrainPlan, history: list[StepMetrics], compute_seconds: float, state_name: str | None
-    ) -> training_pb2.TrainEvent:
+    def _finished(self, plan: TrainPlan, outcome: TrainOutcome) -> training_pb2.TrainEvent:
         log.info(
             "trained",
             request_id=plan.request_id,
             output=str(plan.output),
-            steps=len(history),
-            seconds=round(compute_seconds, 3),
+            steps=outcome.steps,
+            seconds=round(outcome.compute_seconds, 3),
         )
-        state_path = str(plan.output / state_name) if state_name else ""
-        return result_event(str(plan.output), len(history), compute_seconds, state_path)
-
-
-class _Cancelled(Exception):
-    """The client went away during a verl run (internal: ends the RPC quietly)."""
+        state_path = str(plan.output / outcome.optimizer_state) if outcome.optimizer_state else ""
+        return result_event(str(plan.output), outcome.steps, outcome.compute_seconds, state_path)
 
 
 def create_server(settings: TrainerSettings, servicer: TrainerServicer | None = None):

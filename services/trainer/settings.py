@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from gradalign_common.settings import WorkerSettings
@@ -15,8 +15,10 @@ class TrainerSettings(WorkerSettings):
     """The trainer worker's settings: the common worker settings, port 50053, where checkpoints go.
 
     backend: `torch` trains in this process (CPU or one GPU); `verl` launches verl's GRPO
-    trainer as a subprocess for GPU clusters (services/trainer/verl_backend.py), with the
-    `verl_*` knobs below.
+    trainer as a subprocess for GPU clusters (services/trainer/backends/verl), with the
+    `verl_*` knobs below (services.trainer.backends chooses between them).
+    policy_loss: the GRPO policy loss, a name registered in services.trainer.losses (verl's
+    `loss_mode` of the same name with the verl backend); an unknown name fails at start-up.
     """
 
     model_config = SettingsConfigDict(env_prefix="GRADALIGN_TRAINER_", extra="ignore")
@@ -27,8 +29,11 @@ class TrainerSettings(WorkerSettings):
         default=None, description="base of relative checkpoint paths in requests; None = artifact_root"
     )
     backend: Literal["torch", "verl"] = "torch"
+    policy_loss: str = Field(default="vanilla", description="policy loss (services.trainer.losses registry)")
 
-    # checkpoint housekeeping (services/trainer/retention.py)
+    # checkpoint housekeeping (gradalign_common/checkpoint_retention.py). The trainer itself only sweeps
+    # stale temporaries at start-up; pruning is the scheduler's (its run spec's keep_*_checkpoints),
+    # so keep_last and keep_best are not read by the trainer.
     keep_last: int = Field(default=3, ge=1, description="retention: keep the latest N round checkpoints")
     keep_best: int = Field(default=1, ge=0, description="retention: also keep the N best by validation reward")
     stale_temp_minutes: float | None = Field(
@@ -55,6 +60,14 @@ class TrainerSettings(WorkerSettings):
     )
     verl_timeout_s: float | None = Field(default=None, gt=0, description="limit of one verl run; None = none")
 
+    @field_validator("policy_loss")
+    @classmethod
+    def _registered_policy_loss(cls, name: str) -> str:
+        from services.trainer.losses import get_policy_loss  # torch: imported only when a trainer is configured
+
+        get_policy_loss(name)  # InvalidInputError (a ValueError) naming the known losses
+        return name
+
     def resolved_checkpoint_root(self) -> Path:
         return self.checkpoint_root if self.checkpoint_root is not None else self.artifact_root
 
@@ -69,8 +82,8 @@ class TrainerSettings(WorkerSettings):
         return p if p.is_absolute() else self.artifact_root / p
 
     def verl_options(self):
-        """The verl_* settings as services.trainer.verl_backend.VerlOptions."""
-        from services.trainer.verl_backend import VerlOptions
+        """The verl_* settings as services.trainer.backends.verl.options.VerlOptions."""
+        from services.trainer.backends.verl.options import VerlOptions
 
         return VerlOptions(
             python=self.verl_python,

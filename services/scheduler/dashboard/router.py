@@ -1,7 +1,10 @@
 """Routes of the dashboard: the single page at `/` and `/ui/...`, its assets at `/static/...`.
 
 Everything the page needs (script, style, icon) is a file under `static/`; nothing is
-fetched from another host, so the dashboard works offline. The page is a client of the
+fetched from another host, so the dashboard works offline. The script is native ES modules
+served as they are (no build step): `static/app.js` is the entry (`<script type="module">`),
+importing `static/lib/*.js` and `static/pages/**/*.js`; modules are JavaScript by MIME type
+(`text/javascript`) and same-origin, which the policy's `script-src 'self'` allows. The page is a client of the
 public REST API (`/api/v1/...`) and of the server-sent events at `/api/v1/events`.
 """
 

@@ -1,0 +1,130 @@
+"""Measuring one benchmark run: wall time, the process's CPU time and peak memory (`gradalign bench scoring`).
+
+Peak memory is torch's peak allocation above the start on CUDA; on CPU the process's peak
+resident set size above its size at the start of the run, after returning freed heap to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gradalign_common.records import ScoreRecord
+
+
+@dataclass
+class Row:
+    """One measured method."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    peak_mb: list[float] = field(default_factory=list)
+    peak_total_mb: list[float] = field(default_factory=list)
+    scores: list[ScoreRecord] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def best_cpu(self) -> float:
+        return min(self.cpu_seconds)
+
+
+_LIBC = None
+
+
+def _trim_malloc() -> None:
+    """Return freed heap memory to the OS so that the next run's resident-set peak starts clean."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA peak allocation, or the process's peak RSS (VmHWM reset through
+    /proc/self/clear_refs; a sampling thread where that is not allowed)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_above_start_mb = 0.0
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        _trim_malloc()
+        self._start = (_status_kb("VmRSS") or 0) * 1024
+        self._sampler = None
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            self._sampled = self._start
+            self._stop = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sampled = max(self._sampled, (_status_kb("VmRSS") or 0) * 1024)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            peak = self._sampled
+        else:
+            peak = (_status_kb("VmHWM") or 0) * 1024
+        self.peak_mb = peak / 2**20
+        self.peak_above_start_mb = max(0.0, peak - self._start) / 2**20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(row: Row, device: torch.device, fn: Callable[[], object]) -> object:
+    """Run fn once, adding its wall time, the process's CPU time and peak memory to row."""
+    with PeakMemory(device) as memory:
+        synchronize(device)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = fn()
+        synchronize(device)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    row.seconds.append(seconds)
+    row.cpu_seconds.append(cpu_seconds)
+    row.peak_mb.append(memory.peak_above_start_mb)
+    row.peak_total_mb.append(memory.peak_mb)
+    return result

@@ -1,0 +1,11 @@
+"""The scheduler's REST API, one router an area; `api_router` is what the app includes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from services.scheduler.routes import datasets, events, experiments, health, results
+
+api_router = APIRouter()
+for area in (experiments, results, datasets, events, health):
+    api_router.include_router(area.router)

@@ -1,0 +1,21 @@
+"""The scored loss (shared/spec/gradalign-score.md, "Losses"): the one definition both scoring paths use.
+
+For response tokens t with weights w_t (an advantage A_j, or A_j / denominator) and the model's
+logits at the position before each token,
+    loss = - sum_t w_t log p(target_t),
+with log-softmax taken in float32 or wider (float64 for a float64 model). The batched path
+(services.scoring.passes) and the one-group-per-backward path (services.scoring.exact_loop)
+both call `policy_gradient_loss`, so exact and exact-loop score the same loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def policy_gradient_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-sum_t weights[t] * log softmax(logits[t])[targets[t]], for logits [tokens, vocab] and targets,
+    weights [tokens]; the weights are cast to the log-probabilities' dtype and device."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_p = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return -(weights.to(device=log_p.device, dtype=log_p.dtype) * log_p).sum()
