@@ -50,6 +50,7 @@ from services.scheduler.discovery import make_discovery
 from services.scheduler.events import EventBus
 from services.scheduler.experiments import remove_experiment_artifacts
 from services.scheduler.leases import make_lease
+from services.scheduler.progress import ProgressFn, StageProgress
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.spec import StoredSpec
 from services.scheduler.stages import STAGES, RoundResults, StageRuntime, result_to_json
@@ -77,7 +78,7 @@ class Orchestrator:
         self._threads: list[threading.Thread] = []
         self._not_before: dict[int, float] = {}
         self._dataset_cache: dict[str, dict[str, Problem]] = {}
-        self._progress_written: dict[int, float] = {}
+        self._progress = StageProgress(sessions, self.publish)
         self.capacity = WorkerCapacity(
             {"rollout": settings.rollout_slots, "scoring": settings.scoring_slots, "trainer": settings.trainer_slots}
         )
@@ -376,34 +377,8 @@ class Orchestrator:
             self._dataset_cache[path] = {p.problem_id: p for p in load_problems(path)}
         return self._dataset_cache[path]
 
-    def progress(self, rt: StageRuntime, stage: str, n_jobs: int) -> Callable[[int], Callable[[int, int, str], None]]:
-        """Per-shard progress callbacks of a stage whose n_jobs requests run in parallel, summed into one figure."""
-        done, total = [0] * max(n_jobs, 1), [0] * max(n_jobs, 1)
-        lock = threading.Lock()
-
-        def for_shard(i: int) -> Callable[[int, int, str], None]:
-            def report(d: int, t: int, unit: str) -> None:
-                with lock:
-                    done[i], total[i] = d, t
-                    d_all, t_all = sum(done), sum(total)
-                self._record_progress(rt, stage, d_all, t_all, unit)
-
-            return report
-
-        return for_shard
-
-    def _record_progress(self, rt: StageRuntime, stage: str, done: int, total: int, unit: str) -> None:
-        now = time.monotonic()
-        if done < total and now - self._progress_written.get(rt.stage_id, 0) < 1.0:
-            self.publish(rt.experiment_id, "progress", round=rt.round_index, stage=stage, done=done, total=total, unit=unit)
-            return
-        self._progress_written[rt.stage_id] = now
-        with self.sessions() as s:
-            st = s.get(Stage, rt.stage_id)
-            if st is not None:
-                st.progress_done, st.progress_total, st.progress_unit = done, total, unit
-                s.commit()
-        self.publish(rt.experiment_id, "progress", round=rt.round_index, stage=stage, done=done, total=total, unit=unit)
+    def progress(self, rt: StageRuntime, stage: str, n_jobs: int) -> Callable[[int], ProgressFn]:
+        return self._progress.callbacks(rt.experiment_id, rt.round_index, rt.stage_id, stage, n_jobs)
 
     def publish(self, exp_id: int, kind: str, **fields) -> None:
         try:
@@ -415,40 +390,37 @@ class Orchestrator:
     def _stage_busy(self, rt: StageRuntime, stage_name: str, attempt: int, exc: WorkerBusy) -> None:
         """The worker is at capacity (serving another scheduler replica, or a slots setting above its own):
         queue the stage again shortly, without counting the attempt."""
-        STAGE_RETRIES.labels(stage_name, exc.service).inc()
-        self._not_before[rt.experiment_id] = time.monotonic() + max(self.settings.retry_backoff_s, 0.1)
         detail = f"queued: the {exc.service} service at {exc.address} is at capacity; retrying"
-        with self.sessions() as s:
-            st = s.get(Stage, rt.stage_id)
-            exp = s.get(Experiment, rt.experiment_id)
-            if st is None or exp is None:
-                return
-            if st.status == StageStatus.RUNNING and st.attempts == attempt:
-                st.status, st.attempts = StageStatus.PENDING, attempt - 1
-            if exp.status in ACTIVE:
-                exp.status_detail = detail
-            s.commit()
-        log.info("worker_busy", experiment=rt.experiment_id, stage=stage_name, service=exc.service, address=exc.address)
-        self.publish(rt.experiment_id, "stage_retry", stage=stage_name, detail=detail)
+        self._retry_later(rt, stage_name, attempt, exc, max(self.settings.retry_backoff_s, 0.1), detail, count_attempt=False)
 
     def _stage_unavailable(self, rt: StageRuntime, stage_name: str, attempt: int, exc: WorkerUnavailable) -> None:
-        STAGE_RETRIES.labels(stage_name, exc.service).inc()
         if attempt > self.settings.retry_limit:
+            STAGE_RETRIES.labels(stage_name, exc.service).inc()
             self._fail(rt, stage_name, f"gave up after {attempt} attempts: {exc}")
             return
         backoff = min(self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2 ** (attempt - 1))
-        self._not_before[rt.experiment_id] = time.monotonic() + backoff
         detail = f"waiting for the {exc.service} service at {exc.address} (attempt {attempt}, retry in {backoff:.1f}s): {exc.code.name}"
+        self._retry_later(rt, stage_name, attempt, exc, backoff, detail, count_attempt=True)
+
+    def _retry_later(
+        self, rt: StageRuntime, stage_name: str, attempt: int, exc: WorkerUnavailable, backoff: float, detail: str, count_attempt: bool
+    ) -> None:
+        """Put the stage back to pending, to be tried again after `backoff`; status_detail says why meanwhile."""
+        STAGE_RETRIES.labels(stage_name, exc.service).inc()
+        self._not_before[rt.experiment_id] = time.monotonic() + backoff
         with self.sessions() as s:
             st = s.get(Stage, rt.stage_id)
             exp = s.get(Experiment, rt.experiment_id)
             if st is None or exp is None:
                 return
             st.status, st.error = StageStatus.PENDING, str(exc)
+            if not count_attempt and st.attempts == attempt:
+                st.attempts = attempt - 1
             if exp.status in ACTIVE:
                 exp.status_detail = detail
             s.commit()
-        log.warning("worker_unavailable", experiment=rt.experiment_id, stage=stage_name, service=exc.service, address=exc.address, attempt=attempt)
+        log.warning("worker_unavailable", experiment=rt.experiment_id, stage=stage_name, service=exc.service,
+                    address=exc.address, attempt=attempt, busy=not count_attempt)
         self.publish(rt.experiment_id, "stage_retry", stage=stage_name, detail=detail)
 
     def _fail(self, rt: StageRuntime, stage_name: str, message: str) -> None:
