@@ -12,8 +12,8 @@ import importlib
 import sys
 from pathlib import Path
 
-PACKAGES = ("gradalign_common", "services")
-ENTRY_MODULES = ("services.cli", "services.scheduler.app", "services.rollout.server", "services.scoring.server", "services.trainer.server")
+PACKAGES = ("gradalign_common", "gradalign_tools", "services")
+ENTRY_MODULES = ("gradalign_tools.cli", "services.scheduler.app", "services.rollout.server", "services.scoring.server", "services.trainer.server")
 SKIP_PARTS = {"__pycache__"}
 SKIP_SUFFIXES = {".pyc", ".pyo"}
 

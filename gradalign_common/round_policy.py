@@ -1,7 +1,7 @@
 """The round policy: what one GradAlign round computes from its inputs, in one place.
 
 The orchestrator (services/scheduler/stages.py) and the quality benchmark
-(services/bench/quality.py) both follow it, so a benchmark result is a result of the product's
+(gradalign_tools/bench/quality.py) both follow it, so a benchmark result is a result of the product's
 policy, not of a copy of it:
 
 - which candidates a round takes from the experiment's ordered pool (`chunk_ids`);

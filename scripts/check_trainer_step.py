@@ -77,7 +77,7 @@ def step_at_size(device: str, preset: str, groups: int, responses: int, tokens: 
 
     from gradalign_common.char_tokenizer import build_char_tokenizer
     from gradalign_common.records import Problem
-    from services.bench.scoring import PRESETS, BenchConfig, build_model, make_rollouts, response_tokens
+    from gradalign_tools.bench.scoring import PRESETS, BenchConfig, build_model, make_rollouts, response_tokens
     from services.trainer.grpo import GRPOConfig
 
     layers, hidden, intermediate, heads, kv_heads, vocab = PRESETS[preset]

@@ -10,8 +10,8 @@
 #     GPU_CHECK_TOKENS=16 GPU_CHECK_MAX_BATCH_TOKENS=2048 GPU_CHECK_VALIDATION_GROUPS=2 OUT=/tmp/gpu-check \
 #     bash scripts/gpu_check.sh
 #
-# The benchmark is run through services.bench.scoring.scoring_command, the function that
-# `gradalign bench scoring` registers, wrapped by typer.run: services.cli itself imports the
+# The benchmark is run through gradalign_tools.bench.scoring.scoring_command, the function that
+# `gradalign bench scoring` registers, wrapped by typer.run: gradalign_tools.cli itself imports the
 # whole platform (pydantic, sqlalchemy, grpc health, ...), most of which the device's image lacks.
 # Only structlog is missing there for this path; it travels as a wheel in .whl (git-ignored).
 #
@@ -89,7 +89,7 @@ if [ -n "$PRESET" ]; then args=(--preset "$PRESET" "${args[@]}"); fi
 echo "== gradalign bench scoring ${args[*]}"
 started=$(date +%s)
 timeout -k 10 "$BENCH_TIMEOUT" "$PY" -c \
-  'import typer; from services.bench.scoring import scoring_command; typer.run(scoring_command)' "${args[@]}" \
+  'import typer; from gradalign_tools.bench.scoring import scoring_command; typer.run(scoring_command)' "${args[@]}" \
   2>&1 | tee "$OUT/$NAME.log"
 rc=$?
 echo "== benchmark exit status $rc after $(( $(date +%s) - started )) s (124: timed out after ${BENCH_TIMEOUT} s)" \

@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from services.cli import app
+from gradalign_tools.cli import app
 from services.scheduler.auth import TokenStore
 from services.scheduler.db import make_engine, make_session_factory
 from services.scheduler.migrate import current_revision

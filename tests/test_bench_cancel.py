@@ -8,7 +8,7 @@ import re
 
 from typer.testing import CliRunner
 
-from services.cli import app
+from gradalign_tools.cli import app
 
 ROW = re.compile(
     r"^(rollout|scoring|trainer)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(no|yes)\s+(accepted|REFUSED)\s+(met|MISSED)$"

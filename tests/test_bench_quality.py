@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from services.bench.quality import load_config, paired_against, run_hash
-from services.cli import app
+from gradalign_tools.bench.quality import load_config, paired_against, run_hash
+from gradalign_tools.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "benchmarks" / "quality" / "smoke.yaml"

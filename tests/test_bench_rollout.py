@@ -8,7 +8,7 @@ import re
 
 from typer.testing import CliRunner
 
-from services.cli import app
+from gradalign_tools.cli import app
 
 ROW = re.compile(r"^(one generate per response|batched hf backend)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$")
 MODEL_ROW = re.compile(r"^batched hf backend\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)x$", re.M)

@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from services.bench.scoring import scoring_command
-from services.bench.scoring_fidelity import fidelity, rankdata, spearman
+from gradalign_tools.bench.scoring import scoring_command
+from gradalign_tools.bench.scoring_fidelity import fidelity, rankdata, spearman
 from gradalign_common.records import ScoreRecord
 
 app = typer.Typer()

@@ -16,7 +16,7 @@ import torch
 
 from gradalign_common.modeling import load_model
 from scheduler_fixtures import experiment_body, wait_for_experiment
-from services.stack import LocalStack, StackConfig, free_port
+from gradalign_tools.stack import LocalStack, StackConfig, free_port
 
 pytestmark = pytest.mark.slow
 

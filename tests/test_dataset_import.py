@@ -15,7 +15,7 @@ from gradalign_common.errors import InvalidInputError, NotFoundError
 from gradalign_common.modeling import load_tokenizer
 from gradalign_common.prompts import decode_messages
 from gradalign_common.records import read_problems
-from services.cli import app
+from gradalign_tools.cli import app
 
 
 def _math_record(i: int) -> dict:

@@ -499,7 +499,7 @@ def test_dockerignore_is_an_allow_list():
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == {
-        "pyproject.toml", "README.md", "gradalign_common", "services", "protos",
+        "pyproject.toml", "README.md", "gradalign_common", "gradalign_tools", "services", "protos",
         "docker/check_install.py", "docker/check_gpu_stack.py", "docker/healthcheck.py", "requirements/gpu.lock",
     }
     # everything the Dockerfiles COPY from the context is allowed in
@@ -524,7 +524,7 @@ def test_wheel_packs_every_source_file(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for package in ("gradalign_common", "services", "protos"):
+    for package in ("gradalign_common", "gradalign_tools", "services", "protos"):
         shutil.copytree(ROOT / package, src / package, ignore=ignore)
     try:
         import setuptools  # noqa: F401 - the build backend, when the venv has it
@@ -538,7 +538,7 @@ def test_wheel_packs_every_source_file(tmp_path):
     packed = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(
         str(path.relative_to(src))
-        for package in ("gradalign_common", "services")
+        for package in ("gradalign_common", "gradalign_tools", "services")
         for path in (src / package).rglob("*")
         if path.is_file() and str(path.relative_to(src)) not in packed
     )

@@ -19,7 +19,7 @@ from gradalign_common.records import ScoreRecord, read_rollouts
 from gradalign_common.selection import select_top
 from scheduler_fixtures import experiment_body, wait_for_experiment
 from services.scoring.engine import ScoringEngine
-from services.stack import LocalStack, StackConfig, free_port
+from gradalign_tools.stack import LocalStack, StackConfig, free_port
 
 pytestmark = pytest.mark.slow
 

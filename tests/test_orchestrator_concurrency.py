@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gradalign_common.tiny_model import TinyModelSpec, build_and_save
-from services.bench.orchestrator import run_experiments, worker_shares
-from services.bench.standin_workers import StandInWorkers
+from gradalign_tools.bench.orchestrator import run_experiments, worker_shares
+from gradalign_tools.bench.standin_workers import StandInWorkers
 from services.scheduler.app import create_app
 from services.scheduler.settings import SchedulerSettings
 

@@ -8,7 +8,7 @@ import pytest
 from gradalign_common.pb import scoring_pb2
 from gradalign_common.records import write_rollouts, write_rollouts_jsonl
 from services.scoring.engine import ScoringEngine
-from services.scoring.replicas import score_request, score_sharded, start_replicas
+from gradalign_tools.bench.replicas import score_request, score_sharded, start_replicas
 from scoring_fixtures import random_adam_state, random_rollouts, tiny_qwen2
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.bench.standin_workers import CallLog, StandInRollout, StandInScoring, StandInTrainer
+from gradalign_tools.bench.standin_workers import CallLog, StandInRollout, StandInScoring, StandInTrainer
 from services.scheduler import stages
 from services.scheduler.app import create_app
 from services.scheduler.db import Stage

@@ -1,15 +1,15 @@
-"""The built-in task families (gradalign_common.task_families) and the noisy rewards
-(gradalign_common.noisy_rewards)."""
+"""The built-in task families (gradalign_tools.bench.task_families) and the noisy rewards
+(gradalign_tools.bench.noisy_rewards)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gradalign_common import noisy_rewards
+from gradalign_tools.bench import noisy_rewards
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.generation import problem_text
 from gradalign_common.rewards import compute_reward, get_reward_fn, score_batch, RewardItem
-from gradalign_common.task_families import (
+from gradalign_tools.bench.task_families import (
     PROBLEM_TYPES,
     TEST_RESERVE,
     VAL_RESERVE,

@@ -15,7 +15,7 @@ from gradalign_common.grpc_utils import wait_healthy
 from gradalign_common.modeling import load_model
 from gradalign_common.pb import training_pb2_grpc
 from gradalign_common.records import write_problems
-from services.stack import free_port
+from gradalign_tools.stack import free_port
 from test_trainer_service import request
 from trainer_fixtures import constant_answer_problems
 

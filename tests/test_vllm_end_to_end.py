@@ -16,7 +16,7 @@ import pytest
 from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.records import read_rollouts
 from scheduler_fixtures import experiment_body, wait_for_experiment
-from services.stack import LocalStack, StackConfig, free_port
+from gradalign_tools.stack import LocalStack, StackConfig, free_port
 from vllm_fixtures import VLLM_ROLLOUT_ENV, rollout_metrics, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -28,7 +28,7 @@ from gradalign_common.modeling import load_model, load_tokenizer
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
 from gradalign_common.records import read_rollouts, write_problems
 from gradalign_common.tiny_task import write_splits
-from services.stack import LocalStack, StackConfig, free_port
+from gradalign_tools.stack import LocalStack, StackConfig, free_port
 from vllm_fixtures import REPO, VLLM_ROLLOUT_ENV, rollout_metrics, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -197,7 +197,7 @@ def test_bench_rollout_with_the_vllm_backend(tmp_path):
     baseline, the vllm backend beside it, with load and swap times (timings are never asserted)."""
     python = vllm_python()
     proc = subprocess.run(
-        [python, "-m", "services.cli", "bench", "rollout", "--backend", "vllm", "--prompts", "3", "--samples", "2",
+        [python, "-m", "gradalign_tools.cli", "bench", "rollout", "--backend", "vllm", "--prompts", "3", "--samples", "2",
          "--max-tokens", "3", "--warmup-steps", "0", "--enforce-eager"],
         capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from scheduler_fixtures import AUTH, experiment_body, make_settings
 from services.scheduler.app import create_app
-from services.stack import free_port
+from gradalign_tools.stack import free_port
 
 
 def test_unreachable_rollout_is_reported_retried_then_failed(tmp_path, tiny_model_dir, database_url):

@@ -13,8 +13,8 @@ with a validation gradient (shared/spec/gradalign-score.md).
   exact_loop (one backward per group: exact's reference and fallback).
 - groups (GRPO groups and loss weights), loss (the scored loss), score_records (signals to
   ScoreRecords; modes without gradients).
-- server: the gRPC ScoringService. replicas: scorer processes, and a round sharded over them.
+- server: the gRPC ScoringService (scorer replicas for the benchmark: gradalign_tools.bench.replicas).
 - cli: the `gradalign score` command. settings: the service's settings (GRADALIGN_SCORING_*).
 Selection modes and ranking live in gradalign_common.selection; the optimizer state file in
-gradalign_common.optimizer_state; the benchmark in services.bench.scoring.
+gradalign_common.optimizer_state; the benchmark in gradalign_tools.bench.scoring.
 """

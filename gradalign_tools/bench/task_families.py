@@ -15,7 +15,7 @@ Each problem type is a finite, deterministic set of distinct (prompt, answer) pa
 `make_family(seed, test=..., val=..., pool=...)` splits every type it is asked for into
 disjoint held-out test, trusted validation and pool parts (a seeded shuffle per type), and
 builds VERL-style records that carry the type in `extra_info.type`. Pool records can be made
-noisy: their `data_source` names a noisy reward (gradalign_common.noisy_rewards) and
+noisy: their `data_source` names a noisy reward (gradalign_tools.bench.noisy_rewards) and
 `extra_info.noisy` is true. Validation and test records always use the correct reward
 ("arith"). Everything is a pure function of its arguments.
 
@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from gradalign_common import noisy_rewards  # noqa: F401 - registers the noisy data sources
+from gradalign_tools.bench import noisy_rewards  # noqa: F401 - registers the noisy data sources
 from gradalign_common.datasets import problem_from_record
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.records import Problem

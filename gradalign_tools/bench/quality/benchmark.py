@@ -10,10 +10,10 @@ from typing import Sequence
 
 
 from gradalign_common.artifacts import atomic_write_bytes
-from services.bench.quality.config import RUN_FORMAT, run_hash
-from services.bench.quality.report import write_summary
-from services.bench.quality.run import run_one
-from services.bench.quality.warm_start import warm_model_dir
+from gradalign_tools.bench.quality.config import RUN_FORMAT, run_hash
+from gradalign_tools.bench.quality.report import write_summary
+from gradalign_tools.bench.quality.run import run_one
+from gradalign_tools.bench.quality.warm_start import warm_model_dir
 
 
 def run_path(results: Path, mode: str, seed: int) -> Path:

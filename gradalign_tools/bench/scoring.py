@@ -56,10 +56,10 @@ from gradalign_common.modeling import parse_dtype
 from gradalign_common.records import RolloutRecord, group_rollouts
 from gradalign_common.scoring_methods import parse_method
 from gradalign_common.selection import get_mode
-from services.bench.scoring_fidelity import fidelity
-from services.bench.scoring_measure import Row, measure, synchronize
-from services.bench.scoring_reference import ReferenceMethod, response_tokens
-from services.bench.scoring_replicas import run_replicas
+from gradalign_tools.bench.scoring_fidelity import fidelity
+from gradalign_tools.bench.scoring_measure import Row, measure, synchronize
+from gradalign_tools.bench.scoring_reference import ReferenceMethod, response_tokens
+from gradalign_tools.bench.scoring_replicas import run_replicas
 from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, parse_device
 from services.scoring.score_request import score_request

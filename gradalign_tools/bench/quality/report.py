@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 
 from gradalign_common.artifacts import atomic_write_bytes
-from services.bench.quality.stats import mean, std
+from gradalign_tools.bench.quality.stats import mean, std
 
 
 def summary_rows(runs: Mapping[tuple[str, int], dict], modes: Sequence[str], seeds: Sequence[int]) -> list[dict]:

@@ -9,13 +9,13 @@ from pathlib import Path
 from filelock import FileLock
 
 from gradalign_common.artifacts import atomic_write_bytes
-from services.bench.quality.config import digest, model_spec
-from services.bench.quality.stats import mean
+from gradalign_tools.bench.quality.config import digest, model_spec
+from gradalign_tools.bench.quality.stats import mean
 
 
 def warm_model_dir(config: dict, seed: int, cache: Path) -> Path:
     """The cached warm-started model for (model spec, warm start, seed); built (under a lock) if missing."""
-    from gradalign_common.task_families import TEST_RESERVE, VAL_RESERVE
+    from gradalign_tools.bench.task_families import TEST_RESERVE, VAL_RESERVE
 
     key = digest({"model": config["model"], "warm_start": config["warm_start"], "reserves": [TEST_RESERVE, VAL_RESERVE]})
     out = cache / f"tiny-{key}-seed{seed}"
@@ -40,7 +40,7 @@ def build_warm_model(config: dict, seed: int, out: Path) -> dict:
     its validation reserve is reached), save it with warm_start.json (steps, validation accuracies)."""
     from gradalign_common.char_tokenizer import build_char_tokenizer
     from gradalign_common.modeling import save_checkpoint
-    from gradalign_common.task_families import VAL_RESERVE, held_out_prompts, make_family, warm_start_families
+    from gradalign_tools.bench.task_families import VAL_RESERVE, held_out_prompts, make_family, warm_start_families
     from gradalign_common.tiny_model import build_tiny_model
 
     ws = config["warm_start"]

@@ -205,7 +205,7 @@ def _status_latency(settings, exp_id: int, n: int, concurrency: int) -> dict:
     import uvicorn
 
     from services.scheduler.app import create_app
-    from services.stack import free_port
+    from gradalign_tools.stack import free_port
 
     port = free_port()
     app = create_app(settings.model_copy(update={"port": port}))
@@ -248,8 +248,8 @@ def _status_latency(settings, exp_id: int, n: int, concurrency: int) -> dict:
 def _round_overhead(tmp: Path) -> dict:
     import httpx
 
-    from services.demo import demo_experiment, ensure_tiny_model
-    from services.stack import LocalStack, StackConfig, free_port
+    from gradalign_tools.demo import demo_experiment, ensure_tiny_model
+    from gradalign_tools.stack import LocalStack, StackConfig, free_port
 
     home = tmp / "stack"
     model_dir = ensure_tiny_model(home)

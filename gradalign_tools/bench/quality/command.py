@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from gradalign_common.errors import InvalidInputError
-from services.bench.quality.benchmark import run_benchmark
-from services.bench.quality.config import load_config
+from gradalign_tools.bench.quality.benchmark import run_benchmark
+from gradalign_tools.bench.quality.config import load_config
 
 
 def _parse_list(text: Optional[str], kind, what: str) -> list | None:

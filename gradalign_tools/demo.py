@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from gradalign_common.tiny_model import build_and_save
 from services.scheduler.status import STAGE_DONE, TERMINAL, ExperimentStatus, StageStatus
-from services.stack import LocalStack, StackConfig, free_port
+from gradalign_tools.stack import LocalStack, StackConfig, free_port
 
 STAGE_ORDER = ("rollout_train", "rollout_val", "score", "select", "train")
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import typer
 
 from gradalign_common.settings import DEFAULT_HOME
-from services.bench.cancel import cancel_command
-from services.bench.orchestrator import orchestrator_command
-from services.bench.scheduler import scheduler_command
+from gradalign_tools.bench.cancel import cancel_command
+from gradalign_tools.bench.orchestrator import orchestrator_command
+from gradalign_tools.bench.scheduler import scheduler_command
 from services.scheduler.admin_cli import db_app, token_app
-from services.bench.rollout import rollout_command
-from services.bench.scoring import scoring_command
-from services.bench.quality import quality_command
-from services.data_cli import data_app
+from gradalign_tools.bench.rollout import rollout_command
+from gradalign_tools.bench.scoring import scoring_command
+from gradalign_tools.bench.quality import quality_command
+from gradalign_tools.data_cli import data_app
 from services.scoring.cli import score_command
-from services.stack import SERVICES, LocalStack, StackConfig
+from gradalign_tools.stack import SERVICES, LocalStack, StackConfig
 
 app = typer.Typer(help="GradAlign Platform: gradient-aligned data selection for LLM RL.", no_args_is_help=True)
 model_app = typer.Typer(help="Models.", no_args_is_help=True)
@@ -103,7 +103,7 @@ def up(
 @app.command()
 def demo(home: Path = typer.Option(Path(".gradalign"), help="state folder for the demo")) -> None:
     """Build the tiny model, start the stack, run a 2-round GradAlign experiment and report."""
-    from services.demo import run_demo
+    from gradalign_tools.demo import run_demo
 
     raise typer.Exit(run_demo(home))
 

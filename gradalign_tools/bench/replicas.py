@@ -18,7 +18,7 @@ from typing import Sequence
 from gradalign_common.grpc_utils import channel, wait_healthy
 from gradalign_common.pb import scoring_pb2, scoring_pb2_grpc
 from gradalign_common.records import ScoreRecord
-from services.stack import free_port
+from gradalign_tools.stack import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,13 +8,13 @@ from typing import Any, Mapping
 
 
 from gradalign_common.errors import ZeroValidationGradientError
-from services.bench.quality.config import RUN_FORMAT, grpo_config, run_hash
-from services.bench.quality.stats import mean
-from services.bench.quality.warm_start import greedy_accuracy
+from gradalign_tools.bench.quality.config import RUN_FORMAT, grpo_config, run_hash
+from gradalign_tools.bench.quality.stats import mean
+from gradalign_tools.bench.quality.warm_start import greedy_accuracy
 
 
 def make_family_for(config: dict, seed: int):
-    from gradalign_common.task_families import Noise, make_family
+    from gradalign_tools.bench.task_families import Noise, make_family
 
     data = config["data"]
     noise = data["noise"]

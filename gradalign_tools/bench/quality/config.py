@@ -118,10 +118,10 @@ def load_config(path: str | Path) -> dict:
 
 
 def check_config(config: dict) -> None:
-    from gradalign_common import noisy_rewards  # noqa: F401 - registers the noisy data sources
+    from gradalign_tools.bench import noisy_rewards  # noqa: F401 - registers the noisy data sources
     from gradalign_common.rewards import get_reward_fn
     from gradalign_common.selection import get_mode
-    from gradalign_common.task_families import get_type
+    from gradalign_tools.bench.task_families import get_type
 
     data, loop, train = config["data"], config["loop"], config["train"]
     for where in ("warm_start.mixture", "data.pool_mixture", "data.validation", "data.test", "data.test_weights", "warm_start.until"):

@@ -4,7 +4,7 @@ The package: config (defaults, checks, run hash), warm_start (the cached startin
 (one mode x seed), benchmark (all of them, resumable), report (tables and plots), command.
 
 A regime is a config file (benchmarks/quality/*.yaml): a tiny Qwen2 model warm-started on the
-built-in task families (gradalign_common.task_families), a training pool with some kind of
+built-in task families (gradalign_tools.bench.task_families), a training pool with some kind of
 mess in it (noisy rewards, a dominant easy type, useless problems), a trusted validation set
 and a held-out test set per problem type. For every mode x seed the benchmark runs the
 GradAlign loop in-process through the product's own code, round by round:
@@ -29,8 +29,8 @@ At the end it writes summary.md, summary.csv, paired.csv (each mode against rand
 accuracy.png and selected_fraction.png.
 """
 
-from services.bench.quality.command import quality_command
-from services.bench.quality.config import load_config, run_hash
-from services.bench.quality.report import paired_against
+from gradalign_tools.bench.quality.command import quality_command
+from gradalign_tools.bench.quality.config import load_config, run_hash
+from gradalign_tools.bench.quality.report import paired_against
 
 __all__ = ["load_config", "paired_against", "quality_command", "run_hash"]

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Callable
 
 from gradalign_common.pb import scoring_pb2
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, write_rollouts, write_rollouts_jsonl
-from services.scoring.replicas import score_request, score_sharded, start_replicas
+from gradalign_tools.bench.replicas import score_request, score_sharded, start_replicas
 
 if TYPE_CHECKING:
-    from services.bench.scoring import BenchConfig
+    from gradalign_tools.bench.scoring import BenchConfig
 
 
 def run_replicas(

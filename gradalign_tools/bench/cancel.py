@@ -209,7 +209,7 @@ def cancel_command(
     import torch
 
     if model is None:
-        from services.demo import ensure_tiny_model
+        from gradalign_tools.demo import ensure_tiny_model
 
         t0 = time.perf_counter()
         model = ensure_tiny_model(home.expanduser())

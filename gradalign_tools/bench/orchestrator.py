@@ -1,7 +1,7 @@
 """`gradalign bench orchestrator`: experiments side by side against stand-in workers.
 
 The real scheduler (API, database, orchestrator) drives N experiments x R rounds against
-stand-in gRPC workers whose stages sleep a set time (services.bench.standin_workers), each
+stand-in gRPC workers whose stages sleep a set time (gradalign_tools.bench.standin_workers), each
 replica serving one request at a time. Two runs in the same process:
 - serial: max_parallel_experiments = 1 (experiments one after another, as before side-by-side);
 - side by side: every experiment has its own driver.
@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from services.bench.standin_workers import Call, StandInWorkers
+from gradalign_tools.bench.standin_workers import Call, StandInWorkers
 
 
 @dataclass
