@@ -31,6 +31,15 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: its token ids (EOS kept when it ended there), text and finish reason."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens)
+
+
 ProgressFn = Callable[[int, int], None]
 Response = tuple[list[int], str]  # (response token ids, finish reason "stop" | "length")
 
@@ -161,6 +170,34 @@ def problem_text(problem: Problem) -> str:
     return "\n".join(m["content"] for m in decode_messages(problem.prompt))
 
 
+def reward_items(problem: Problem, samples: Sequence[Sample], with_problem_text: bool) -> list[RewardItem]:
+    """What the reward registry scores for one problem's samples (the problem's text only for a model judge)."""
+    text = problem_text(problem) if with_problem_text else ""
+    return [RewardItem(problem.data_source, s.text, problem.ground_truth, text) for s in samples]
+
+
+def rollout_records(
+    problems: Sequence[Problem],
+    prompt_ids: Sequence[Sequence[int]],
+    samples: Sequence[Sequence[Sample]],
+    rewards: Sequence[Sequence[tuple[float, bool]]],
+) -> list[RolloutRecord]:
+    """Rewarded rollouts, grouped by problem in order: problem i's prompt, its samples and their (reward, correct)."""
+    return [
+        RolloutRecord(
+            problem_id=problem.problem_id,
+            prompt_ids=tuple(prompt),
+            response_ids=tuple(sample.token_ids),
+            reward=reward,
+            correct=correct,
+            text=sample.text,
+            finish_reason=sample.finish_reason,
+        )
+        for problem, prompt, ss, rs in zip(problems, prompt_ids, samples, rewards)
+        for sample, (reward, correct) in zip(ss, rs)
+    ]
+
+
 def generate_rollouts(
     model,
     tokenizer,
@@ -170,31 +207,15 @@ def generate_rollouts(
     progress: ProgressFn | None = None,
     judge: BatchJudge | None = None,
 ) -> list[RolloutRecord]:
-    """Sample sampling.n responses per problem and reward each; records grouped by problem, in order."""
+    """Sample sampling.n responses per problem and reward each; records grouped by problem, in order (the
+    in-process counterpart of the rollout service's Generate, for the trainer and the benchmarks)."""
     for p in problems:  # fail before any generation on an unknown data_source
         get_reward_fn(p.data_source)
     ids = prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer) for p in problems])
-    samples = sample_responses(model, tokenizer, ids, sampling, batch_size=batch_size, progress=progress)
-    texts = [[tokenizer.decode(r, skip_special_tokens=True) for r, _ in responses] for responses in samples]
-    items = [
-        RewardItem(p.data_source, text, p.ground_truth, problem_text(p) if judge else "")
-        for p, ts in zip(problems, texts)
-        for text in ts
+    responses = sample_responses(model, tokenizer, ids, sampling, batch_size=batch_size, progress=progress)
+    samples = [
+        [Sample(tuple(r), tokenizer.decode(r, skip_special_tokens=True), finish) for r, finish in rs] for rs in responses
     ]
-    scores = iter(score_batch(items, judge=judge))
-    records: list[RolloutRecord] = []
-    for problem, prompt, responses, ts in zip(problems, ids, samples, texts):
-        for (response_ids, finish), text in zip(responses, ts):
-            reward, correct = next(scores)
-            records.append(
-                RolloutRecord(
-                    problem_id=problem.problem_id,
-                    prompt_ids=tuple(prompt),
-                    response_ids=tuple(response_ids),
-                    reward=reward,
-                    correct=correct,
-                    text=text,
-                    finish_reason=finish,
-                )
-            )
-    return records
+    scores = iter(score_batch([item for p, ss in zip(problems, samples) for item in reward_items(p, ss, judge is not None)], judge=judge))
+    rewards = [[next(scores) for _ in ss] for ss in samples]
+    return rollout_records(problems, ids, samples, rewards)

@@ -8,12 +8,13 @@ from typing import List, Optional
 
 import typer
 
+from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.settings import DEFAULT_HOME
 
 data_app = typer.Typer(help="Datasets: import local VERL-style parquet/JSONL files (never downloads).", no_args_is_help=True)
 
-DEFAULT_DATASETS_DIR = DEFAULT_HOME / "artifacts" / "datasets"
+DEFAULT_DATASETS_DIR = ArtifactStore(DEFAULT_HOME / "artifacts").datasets_dir()
 
 
 @data_app.command("import")

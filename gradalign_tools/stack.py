@@ -86,6 +86,31 @@ def service_command(name: str, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", module]
 
 
+def start_process(command: list[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
+    """Start one service process in its own session (a signal to us does not reach it), its output appended to
+    log_path (or discarded)."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """SIGTERM every process still running (each drains its work), then SIGKILL what is left after `timeout`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class LocalStack:
     def __init__(self, config: StackConfig, log_dir: Path | None = None):
         self.config = config
@@ -108,12 +133,7 @@ class LocalStack:
                 time.sleep(0.2)
 
     def start_one(self, name: str) -> subprocess.Popen:
-        log = open(self.log_path(name), "ab")
-        proc = subprocess.Popen(
-            service_command(name, self.config.python.get(name)), env=self.config.env(name), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
+        proc = start_process(service_command(name, self.config.python.get(name)), self.config.env(name), self.log_path(name))
         self.procs[name] = proc
         return proc
 
@@ -140,16 +160,7 @@ class LocalStack:
         proc.wait(timeout=30)
 
     def stop(self, timeout: float = 15.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(self.procs.values()), timeout)
         self.procs.clear()
 
     def __enter__(self) -> "LocalStack":

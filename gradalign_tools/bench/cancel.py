@@ -241,6 +241,12 @@ def cancel_command(
 # --- the three services ------------------------------------------------------------------------
 
 
+def _started(created: tuple) -> tuple:
+    """(server, health, port) from a service's create_server, with the server started."""
+    created[0].start()
+    return created
+
+
 class _Served:
     """Start a servicer on an in-process gRPC server; stop it (and close the servicer) on exit."""
 
@@ -280,12 +286,7 @@ def _rollout(model: Path, root: Path, scale: float, seed: int):
 
     @contextlib.contextmanager
     def running():
-        def create():
-            server, health, port = create_server(settings, servicer)
-            server.start()
-            return server, health, port
-
-        with _Served(create, servicer.close) as ch:
+        with _Served(lambda: _started(create_server(settings, servicer)), servicer.close) as ch:
             stub = rollout_pb2_grpc.RolloutServiceStub(ch)
             _drain(stub.Generate(request(small, str(root / "warm.parquet"), 2, 2)))  # loads the model
             yield Target(
@@ -391,12 +392,7 @@ def _trainer(model: Path, root: Path, scale: float, seed: int):
 
     @contextlib.contextmanager
     def running():
-        def create():
-            server, health, port = create_server(settings, servicer)
-            server.start()
-            return server, health, port
-
-        with _Served(create) as ch:
+        with _Served(lambda: _started(create_server(settings, servicer))) as ch:
             stub = training_pb2_grpc.TrainerServiceStub(ch)
             _drain(stub.Train(request(str(root / "warm"), 1, 2, 2)))
             probes = iter(range(10**9))

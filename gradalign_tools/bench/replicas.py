@@ -7,24 +7,20 @@ Used by the sharding test and by `gradalign bench scoring --replicas N`.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from gradalign_common.grpc_utils import channel, wait_healthy
-from gradalign_common.pb import scoring_pb2, scoring_pb2_grpc
+from gradalign_common.grpc_utils import wait_healthy
+from gradalign_common.pb import scoring_pb2
 from gradalign_common.records import ScoreRecord
-from gradalign_tools.stack import free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from gradalign_tools.stack import free_port, service_command, start_process, stop_processes
+from services.scheduler import workers
 
 class ScorerProcess:
-    """One scoring server in its own process on a free port; a context manager that stops it on exit."""
+    """One scoring server in its own process on a free port (started like the local stack's services);
+    a context manager that stops it on exit."""
 
     def __init__(self, torch_threads: int = 0, device: str = "cpu", log_path: Path | None = None):
         self.port = free_port()
@@ -39,11 +35,7 @@ class ScorerProcess:
         )
         if torch_threads:
             env.update(OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.scoring.server"], cwd=REPO_ROOT, env=env,
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self.proc = start_process(service_command("scoring"), env, log_path)
 
     def wait(self, timeout: float = 120.0) -> "ScorerProcess":
         if not wait_healthy(self.address, timeout=timeout) or self.proc.poll() is not None:
@@ -52,15 +44,7 @@ class ScorerProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
+        stop_processes([self.proc])
 
     def __enter__(self) -> "ScorerProcess":
         return self
@@ -83,17 +67,9 @@ def start_replicas(n: int, torch_threads: int = 0, device: str = "cpu", timeout:
 
 
 def score_request(address: str, request: scoring_pb2.ScoreRequest, timeout: float = 3600.0) -> tuple[list[ScoreRecord], scoring_pb2.ScoreSummary]:
-    """Call Score on one replica; its scores and summary."""
-    scores, summary = [], None
-    with channel(address) as ch:
-        for event in scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=timeout):
-            kind = event.WhichOneof("event")
-            if kind == "score":
-                s = event.score
-                scores.append(ScoreRecord(s.problem_id, s.score, s.accuracy, s.n_responses, s.zero_advantage))
-            elif kind == "summary":
-                summary = event.summary
-    return scores, summary
+    """Call Score on one replica through the scheduler's client (services.scheduler.workers); its scores and summary."""
+    scores, summary = workers.score(address, timeout, request)
+    return [ScoreRecord(s.problem_id, s.score, s.accuracy, s.n_responses, s.zero_advantage) for s in scores], summary
 
 
 def score_sharded(

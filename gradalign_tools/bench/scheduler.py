@@ -194,7 +194,7 @@ def scheduler_command(
             typer.echo(
                 "round overhead (wall - worker compute) on the demo experiment: "
                 + ", ".join(f"round {i}: {o:.2f}s" for i, o in enumerate(ov["overhead_seconds"]))
-                + f" (target < 2s); stage wall times include the reference's 45s+ of sleeps: none here"
+                + " (target < 2s); stage wall times include the reference's 45s+ of sleeps: none here"
             )
     if out:
         out.write_text(json.dumps(results, indent=2))

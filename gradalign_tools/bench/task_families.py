@@ -109,10 +109,6 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
 USELESS_CATEGORIES = ("trivial", "unsolvable", "malformed")
 
 
-def type_names() -> list[str]:
-    return list(PROBLEM_TYPES)
-
-
 def get_type(name: str) -> ProblemType:
     try:
         return PROBLEM_TYPES[name]

@@ -39,14 +39,16 @@ import grpc
 from prometheus_client import Counter
 
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.generation import Sampling, batch_seed, length_sorted_batches, problem_text, prompt_token_ids
+from gradalign_common.generation import (
+    Sampling, batch_seed, length_sorted_batches, prompt_token_ids, reward_items, rollout_records,
+)
 from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
 from gradalign_common.judge import JudgeConfig, JudgeError, JudgeUnavailableError, ModelJudge
 from gradalign_common.logging_setup import configure_logging, get_logger
 from gradalign_common.modeling import configure_torch_threads
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
 from gradalign_common.prompts import render_prompt
-from gradalign_common.records import Problem, RolloutRecord, read_problems, write_rollouts
+from gradalign_common.records import read_problems, write_rollouts
 from gradalign_common.request_gate import RequestGate
 from gradalign_common.request_identity import check_request, record_request, request_fingerprint
 from gradalign_common.rewards import JudgeRequiredError, RewardItem, get_reward_fn, is_heavy, is_judged, score_batch
@@ -233,8 +235,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                     items = []
                     for i, s in zip(idx, out):
                         samples[i] = s
-                        text = problem_text(problems[i]) if self.judge is not None else ""
-                        items += [RewardItem(problems[i].data_source, x.text, problems[i].ground_truth, text) for x in s]
+                        items += reward_items(problems[i], s, self.judge is not None)
                     scored.append((idx, scorer.submit(self._score, items)))  # scored while the next slice generates
                     for _, f in scored:  # fail fast on a scoring error (e.g. the judge is down)
                         if f.done() and f.exception() is not None:
@@ -252,7 +253,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 f.cancel()
             scorer.shutdown(wait=False, cancel_futures=True)
         stop_if_cancelled(context, f"{done} of {total} problems generated")  # cancelled late: no shard
-        records = _records(problems, ids, samples, rewards)
+        records = rollout_records(problems, ids, samples, rewards)
         write_rollouts(request.output_path, records)
         record_request(request.output_path, request.request_id, fingerprint)
         compute = time.perf_counter() - start
@@ -278,24 +279,6 @@ def _fail(context: grpc.ServicerContext, code: grpc.StatusCode, detail: str) -> 
     log.warning("rpc_failed", service="rollout", method="Generate", code=code.name, detail=detail)
     context.set_code(code)
     context.set_details(detail)
-
-
-def _records(problems: list[Problem], ids, samples, rewards) -> list[RolloutRecord]:
-    records = []
-    for problem, prompt, ss, rs in zip(problems, ids, samples, rewards):
-        for s, (reward, correct) in zip(ss, rs):
-            records.append(
-                RolloutRecord(
-                    problem_id=problem.problem_id,
-                    prompt_ids=tuple(prompt),
-                    response_ids=s.token_ids,
-                    reward=reward,
-                    correct=correct,
-                    text=s.text,
-                    finish_reason=s.finish_reason,
-                )
-            )
-    return records
 
 
 def problem_stats(records) -> list[common_pb2.ProblemStats]:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.datasets import import_dataset
 from gradalign_common.errors import ConflictError, FieldError, InvalidInputError, NotFoundError
 from services.scheduler.datasets import BUILTIN_DATASETS, check_under_data_root
@@ -30,7 +31,7 @@ class UploadTooLarge(InvalidInputError):
 class DatasetService:
     def __init__(self, settings: SchedulerSettings, sessions: sessionmaker):
         self.settings, self.sessions = settings, sessions
-        self.out_dir = Path(settings.artifact_root) / "datasets" / "registered"
+        self.out_dir = ArtifactStore(settings.artifact_root).datasets_dir() / "registered"
 
     def _check_new_name(self, name: str) -> None:
         if name in BUILTIN_DATASETS:
@@ -72,7 +73,7 @@ class DatasetService:
     async def upload(self, name: str, fmt: str, body: AsyncIterator[bytes]) -> Dataset:
         """Stream the request body to a temporary file (refusing more than max_upload_bytes), then import it."""
         self._check_new_name(name)
-        tmp_dir = Path(self.settings.artifact_root) / "datasets" / "uploads"
+        tmp_dir = ArtifactStore(self.settings.artifact_root).datasets_dir() / "uploads"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / f".{name}.upload-{uuid.uuid4().hex[:8]}.{fmt}"
         size = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.tiny_task import write_splits
 
@@ -26,7 +27,7 @@ def resolve_dataset(ref: str, artifact_root: Path, data_root: Path | None = None
     """Path of the dataset file named by ref: a built-in name (written on first use), a
     registered dataset's name, or a file path under the data root."""
     if ref in BUILTIN_DATASETS:
-        out_dir = Path(artifact_root) / "datasets" / "builtin" / "arith"
+        out_dir = ArtifactStore(artifact_root).datasets_dir() / "builtin" / "arith"
         path = out_dir / f"{BUILTIN_DATASETS[ref]}.jsonl"
         if not path.exists():
             write_splits(out_dir)

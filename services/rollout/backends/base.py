@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from gradalign_common.generation import Sampling
+from gradalign_common.generation import Sample, Sampling
 
-
-@dataclass(frozen=True)
-class Sample:
-    """One sampled response: its token ids (EOS kept when it ended there), text and finish reason."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens)
+__all__ = ["RolloutBackend", "Sample"]  # Sample lives with the generation code every backend shares
 
 
 class RolloutBackend(Protocol):
