@@ -1,14 +1,15 @@
-"""A quality regime's config: the defaults, merging a YAML file over them, the checks, and the run hash."""
+"""A quality regime's config: its schema and defaults (pydantic), a YAML file read over them, the checks
+that need the registries (problem types, rewards, modes), and the run hash."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gradalign_common.errors import InvalidInputError
 
@@ -16,85 +17,121 @@ from gradalign_common.errors import InvalidInputError
 RUN_FORMAT = 1  # bump when a run's JSON or the loop changes meaning: older run files are redone
 
 
-DEFAULTS: dict[str, Any] = {
-    "name": "",
-    "description": "",
-    "threads": 1,
-    "model": {
-        "hidden_size": 96,
-        "num_layers": 3,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "intermediate_size": 288,
-        "max_positions": 32,
-    },
-    "warm_start": {
-        "mixture": {"add2": 1.0},
-        "steps": 1600,  # at most this many steps
-        "batch_size": 64,
-        "learning_rate": 3e-3,
-        "until": {},  # type -> accuracy on its validation reserve that ends the warm start early
-        "check_every": 100,
-    },
-    "data": {
-        "pool_size": 1024,
-        "pool_mixture": {"add2": 1.0},
-        "noise": {"rate": 0.0, "rewards": {"arith_inverted": 1.0}, "types": []},
-        "validation": {"add2": 32},
-        "test": {"add2": 128},
-        "test_weights": {},  # type -> weight of its accuracy in the overall accuracy; default: by count
-        "track": {"label": "noisy", "noisy": True, "types": []},
-    },
-    "loop": {
-        "rounds": 8,
-        "chunk_size": 128,
-        "k": 4,
-        "n_samples_train": 8,
-        "n_samples_val": 8,
-        "max_tokens": 5,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "generation_batch_size": 128,
-        "scoring_method": "exact",
-    },
-    "train": {
-        "steps": 4,
-        "batch_size": 16,
-        "learning_rate": 1e-4,
-        "clip_eps": 0.2,
-        "kl_coef": 0.0,
-        "entropy_coef": 0.0,
-        "weight_decay": 0.0,
-        "micro_batch_size": 64,
-        "policy_loss": "vanilla",
-        "reuse_rollouts": True,
-    },
-    "eval": {"max_tokens": 5, "batch_size": 256},
-    "modes": ["sim", "dot", "align", "accgreedy", "rand"],
-    "seeds": [0, 1, 2],
-}
+# a number as written: an int stays an int (the run hash of a config does not change with the parser)
+Number = int | float
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    """The tiny Qwen2 (gradalign_common.tiny_model.TinyModelSpec's architecture fields)."""
+
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 288
+    max_positions: int = 32
+
+
+class WarmStart(_Section):
+    mixture: dict[str, Number] = {"add2": 1.0}
+    steps: int = 1600  # at most this many steps
+    batch_size: int = 64
+    learning_rate: Number = 3e-3
+    until: dict[str, Number] = {}  # type -> accuracy on its validation reserve that ends the warm start early
+    check_every: int = 100
+
+
+class Noise(_Section):
+    rate: Number = 0.0
+    rewards: dict[str, Number] = {"arith_inverted": 1.0}
+    types: list[str] = []
+
+
+class Track(_Section):
+    label: str = "noisy"
+    noisy: bool = True
+    types: list[str] = []
+
+
+class Data(_Section):
+    pool_size: int = 1024
+    pool_mixture: dict[str, Number] = {"add2": 1.0}
+    noise: Noise = Noise()
+    validation: dict[str, int] = {"add2": 32}
+    test: dict[str, int] = {"add2": 128}
+    test_weights: dict[str, Number] = {}  # type -> weight of its accuracy in the overall accuracy; default: by count
+    track: Track = Track()
+
+
+class Loop(_Section):
+    rounds: int = 8
+    chunk_size: int = 128
+    k: int = 4
+    n_samples_train: int = 8
+    n_samples_val: int = 8
+    max_tokens: int = 5
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    generation_batch_size: int = 128
+    scoring_method: str = "exact"
+
+
+class Train(_Section):
+    steps: int = 4
+    batch_size: int = 16
+    learning_rate: Number = 1e-4
+    clip_eps: Number = 0.2
+    kl_coef: Number = 0.0
+    entropy_coef: Number = 0.0
+    weight_decay: Number = 0.0
+    micro_batch_size: int = 64
+    policy_loss: str = "vanilla"
+    reuse_rollouts: bool = True
+
+
+class Eval(_Section):
+    max_tokens: int = 5
+    batch_size: int = 256
+
+
+class RegimeConfig(_Section):
+    """A regime file's schema: every key has a default; a file sets what differs. Mappings of problem types
+    (mixtures, validation/test counts, weights, `until`, noise rewards) are replaced whole, not merged."""
+
+    name: str = ""
+    description: str = ""
+    threads: int = 1
+    model: ModelSection = ModelSection()
+    warm_start: WarmStart = WarmStart()
+    data: Data = Data()
+    loop: Loop = Loop()
+    train: Train = Train()
+    eval: Eval = Eval()
+    modes: list[str] = ["sim", "dot", "align", "accgreedy", "rand"]
+    seeds: list[int] = [0, 1, 2]
+
+
+DEFAULTS: dict[str, Any] = RegimeConfig().model_dump()
 
 
 # keys whose value does not change a (mode, seed) run's outcome
 _NOT_IN_RUN_HASH = ("name", "description", "threads", "modes", "seeds")
 
 
-def _merge(base: Any, override: Any, where: str) -> Any:
-    """`override` over `base`: dicts merge key by key (unknown keys are errors, except in free-form
-    mappings: mixtures, weights, `until`, noise rewards); other values replace."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        free_form = not base or where.split(".")[-1] in {"mixture", "pool_mixture", "validation", "test", "test_weights", "until", "rewards"}
-        if free_form:
-            return dict(override)
-        out = dict(base)
-        for key, value in override.items():
-            if key not in base:
-                raise InvalidInputError(f"config: unknown key {where + '.' if where else ''}{key}; known: {', '.join(base)}")
-            out[key] = _merge(base[key], value, f"{where}.{key}" if where else key)
-        return out
-    if isinstance(base, dict):
-        raise InvalidInputError(f"config: {where} must be a mapping")
-    return override
+def parse_config(raw: dict) -> dict:
+    """`raw` (a regime file's mapping) over the defaults, as a plain dict; InvalidInputError naming the key."""
+    try:
+        return RegimeConfig.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            raise InvalidInputError(f"config: unknown key {where}") from None
+        raise InvalidInputError(f"config: {where}: {error['msg']}") from None
 
 
 def load_config(path: str | Path) -> dict:
@@ -110,7 +147,7 @@ def load_config(path: str | Path) -> dict:
         raise InvalidInputError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise InvalidInputError(f"{path}: the config must be a mapping")
-    config = _merge(copy.deepcopy(DEFAULTS), raw, "")
+    config = parse_config(raw)
     if not config["name"]:
         config["name"] = path.stem
     check_config(config)
@@ -171,10 +208,6 @@ def check_config(config: dict) -> None:
 def model_spec(config: dict, seed: int):
     from gradalign_common.tiny_model import TinyModelSpec
 
-    known = {f.name for f in fields(TinyModelSpec)}
-    extra = set(config["model"]) - known
-    if extra:
-        raise InvalidInputError(f"config: unknown model key(s) {', '.join(sorted(extra))}; known: {', '.join(sorted(known))}")
     ws = config["warm_start"]
     return TinyModelSpec(
         **config["model"], warmup_steps=ws["steps"], batch_size=ws["batch_size"], learning_rate=ws["learning_rate"], seed=seed
