@@ -26,7 +26,19 @@ class SchedulerSettings(BaseSettings):
     rollout_addresses: list[str] = ["127.0.0.1:50051"]
     scoring_addresses: list[str] = ["127.0.0.1:50052"]
     trainer_address: str = "127.0.0.1:50053"
-    max_upload_bytes: int = Field(default=1 << 30, ge=1, description="largest dataset upload accepted")
+    max_upload_bytes: int = Field(default=1 << 30, ge=1, description="largest dataset upload accepted (bytes as sent)")
+    max_dataset_rows: int = Field(default=1_000_000, ge=1, description="most rows a dataset (upload, register, mix) may have")
+    max_dataset_bytes: int = Field(
+        default=2 << 30, ge=1, description="most bytes a dataset's rows may take once decompressed and decoded"
+    )
+    max_field_chars: int = Field(default=1 << 20, ge=1, description="longest string one field of a dataset row may hold")
+    max_event_streams: int = Field(default=256, ge=1, description="live event streams open at once; more get 429")
+    max_event_streams_per_client: int = Field(default=16, ge=1, description="live event streams one client address may hold")
+    max_generated_tokens_per_experiment: int = Field(
+        default=10**10, ge=1,
+        description="budget: responses x max_tokens summed over an experiment's rounds (rollouts and training samples)",
+    )
+    max_train_steps_per_experiment: int = Field(default=10**6, ge=1, description="budget: GRPO steps over all rounds")
     discovery: Literal["static", "kubernetes"] = Field(
         default="static", description="static: the address lists above; kubernetes: ready pods from EndpointSlices"
     )
