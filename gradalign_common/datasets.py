@@ -30,9 +30,106 @@ from gradalign_common.records import PROBLEM_SCHEMA, Problem, write_problems
 from gradalign_common.rewards import get_reward_fn
 
 
-def problem_from_record(record: dict, position: int, where: str) -> Problem:
+class DatasetTooLarge(InvalidInputError):
+    """A dataset exceeds max_rows or max_bytes (the scheduler answers HTTP 413)."""
+
+
+MAX_NESTING = 32  # deepest nesting of lists/objects a record may have
+
+
+@dataclasses.dataclass
+class ReadBudget:
+    """Bounds on what reading datasets may take: rows, decoded bytes and the length of one string
+    field (None: unbounded), shared by every file of one import so that a mix is bounded too."""
+
+    max_rows: int | None = None
+    max_bytes: int | None = None
+    max_field_chars: int | None = None
+    rows: int = 0
+    bytes: int = 0
+
+    def add_rows(self, n: int, where: str) -> None:
+        self.rows += n
+        if self.max_rows is not None and self.rows > self.max_rows:
+            raise DatasetTooLarge(f"{where}: more than max_dataset_rows={self.max_rows} rows")
+
+    def add_bytes(self, n: int, where: str) -> None:
+        self.bytes += n
+        if self.max_bytes is not None and self.bytes > self.max_bytes:
+            raise DatasetTooLarge(f"{where}: more than max_dataset_bytes={self.max_bytes} bytes once decoded")
+
+
+def _check_strings(record: Any, where: str, max_chars: int | None) -> None:
+    """Every string in the record (keys too): not longer than max_chars, no NUL (PostgreSQL cannot
+    store it), no lone surrogate (not encodable as UTF-8); nesting at most MAX_NESTING deep. Iterative."""
+    stack: list[tuple[Any, str, int]] = [(record, "", 0)]
+    while stack:
+        value, field, depth = stack.pop()
+        field = field if len(field) <= 200 else field[:200] + "..."  # keys are user input too
+        if isinstance(value, str):
+            if max_chars is not None and len(value) > max_chars:
+                raise InvalidInputError(
+                    f"{where}: field {field or 'value'!r} is {len(value)} characters long; at most max_field_chars={max_chars}"
+                )
+            if "\x00" in value:
+                raise InvalidInputError(f"{where}: field {field or 'value'!r} contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInputError(f"{where}: field {field or 'value'!r} contains a lone surrogate (not valid UTF-8)") from None
+        elif isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_NESTING:
+                raise InvalidInputError(f"{where}: nested more than {MAX_NESTING} levels deep")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if isinstance(k, str):
+                        stack.append((k, f"{field} (a key)" if field else "a key", depth + 1))
+                    stack.append((v, f"{field}.{k}" if field else str(k), depth + 1))
+            else:
+                for i, v in enumerate(value):
+                    stack.append((v, f"{field}[{i}]", depth + 1))
+
+
+def _int_truth(ground_truth: str) -> str | None:
+    try:
+        int(ground_truth)
+    except ValueError:
+        return "must be an integer for the arithmetic reward"
+    return None
+
+
+def _yes_no_truth(ground_truth: str) -> str | None:
+    from gradalign_common.rewards import _BOOL_WORDS
+
+    if ground_truth.strip().lower().rstrip(".") not in _BOOL_WORDS:
+        return "must be yes, no, true or false for the yes/no reward"
+    return None
+
+
+def _ground_truth_checks() -> dict[Callable, Callable[[str], str | None]]:
+    """Per reward function (so every data source registered to it), how its reference is checked:
+    parsed the way the reward will parse it. Rewards not listed take any non-empty text."""
+    from gradalign_common import rewards
+
+    return {rewards.arithmetic_reward: _int_truth, rewards.yes_no_reward: _yes_no_truth}
+
+
+def check_ground_truth(data_source: str, ground_truth: str, where: str) -> None:
+    """InvalidInputError naming reward_model.ground_truth when the data source's reward cannot use it."""
+    reward = get_reward_fn(data_source)
+    if not ground_truth.strip():
+        raise InvalidInputError(f"{where}: field 'reward_model.ground_truth' is empty")
+    check = _ground_truth_checks().get(reward)
+    problem = check(ground_truth) if check else None
+    if problem:
+        shown = ground_truth if len(ground_truth) <= 40 else ground_truth[:40] + "..."
+        raise InvalidInputError(f"{where}: field 'reward_model.ground_truth' {shown!r} {problem} (data_source {data_source!r})")
+
+
+def problem_from_record(record: dict, position: int, where: str, max_field_chars: int | None = None) -> Problem:
     if not isinstance(record, dict):
         raise InvalidInputError(f"{where}: expected a JSON object")
+    _check_strings(record, where, max_field_chars)
     if "prompt" not in record:
         raise InvalidInputError(f"{where}: missing field 'prompt'")
     messages = normalize_messages(record["prompt"], f"{where}: prompt")
@@ -46,53 +143,161 @@ def problem_from_record(record: dict, position: int, where: str) -> Problem:
     reward_model = record.get("reward_model")
     if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
         raise InvalidInputError(f"{where}: missing field 'reward_model.ground_truth'")
+    ground_truth = str(reward_model["ground_truth"])
+    check_ground_truth(data_source, ground_truth, where)
     extra = record.get("extra_info") if isinstance(record.get("extra_info"), dict) else {}
     index = extra.get("index", position)
     return Problem(
         problem_id=str(index),
         prompt=encode_messages(messages),
         data_source=data_source,
-        ground_truth=str(reward_model["ground_truth"]),
+        ground_truth=ground_truth,
     )
 
 
-def load_problems(path: str | Path) -> list[Problem]:
-    """Problems from a .jsonl/.json-lines or .parquet file of VERL records; never empty, ids unique."""
+def _normalised_problem(row: dict, where: str, max_field_chars: int | None) -> Problem:
+    """A row of an already normalised parquet (import_dataset's output), checked like a record."""
+    _check_strings(row, where, max_field_chars)
+    for k in PROBLEM_SCHEMA.names:
+        if not isinstance(row.get(k), str):
+            raise InvalidInputError(f"{where}: field {k!r} must be a string")
+    try:
+        get_reward_fn(row["data_source"])
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}: {exc}") from None
+    check_ground_truth(row["data_source"], row["ground_truth"], where)
+    return Problem(**{k: row[k] for k in PROBLEM_SCHEMA.names})
+
+
+_BATCH_TARGET_BYTES = 8 << 20  # about how many decoded bytes one parquet batch may hold
+_MIN_BATCH_ROWS = 8  # fewer rows per batch only slows reading down (measured: 2 rows take twice as long)
+_DICT_VALUE_CAP = 1 << 20  # largest dictionary value assumed when sizing batches (pyarrow's default dictionary page limit)
+
+
+def _parquet_batch_rows(meta: pq.FileMetaData, rg: int) -> int:
+    """Rows per batch of row group rg so that a batch decodes to about _BATCH_TARGET_BYTES at worst.
+    A dictionary-encoded column may repeat its largest entry in every row, so each of its values
+    is counted as large as the chunk (up to _DICT_VALUE_CAP): a decompression bomb gets tiny batches.
+    An estimate only: the decoded bytes are counted (and bounded) as each batch is read."""
+    group = meta.row_group(rg)
+    rows = max(1, group.num_rows)
+    per_row = 0.0
+    for c in range(group.num_columns):
+        col = group.column(c)
+        size = max(0, col.total_uncompressed_size or 0)
+        # a dictionary page may hold up to the whole chunk; pyarrow's writer caps one at 1 MiB (then falls
+        # back to plain pages, whose size is honest), so a normal file's batches stay reasonably large
+        variable = col.physical_type == "BYTE_ARRAY"  # strings: a fixed-width column's size is honest
+        per_row += size / rows + (min(size, _DICT_VALUE_CAP) if col.has_dictionary_page and variable else 0)
+    return int(max(_MIN_BATCH_ROWS, min(4096, _BATCH_TARGET_BYTES // max(1.0, per_row))))
+
+
+def _iter_parquet(p: Path, label: str, budget: ReadBudget):
+    """(position, row dict) of a parquet file, read a small batch at a time within the budget."""
+    try:
+        pf = pq.ParquetFile(p)
+        meta = pf.metadata
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidInputError(f"{label}: not a readable parquet file ({exc})") from None
+    if budget.max_rows is not None and meta.num_rows > budget.max_rows - budget.rows:
+        raise DatasetTooLarge(f"{label}: more than max_dataset_rows={budget.max_rows} rows ({meta.num_rows} in the file)")
+    position = 0
+    try:
+        for rg in range(meta.num_row_groups):
+            batches = pf.iter_batches(batch_size=_parquet_batch_rows(meta, rg), row_groups=[rg], use_threads=False)
+            for batch in batches:
+                budget.add_rows(batch.num_rows, label)
+                budget.add_bytes(batch.nbytes, label)
+                rows = batch.to_pylist()
+                del batch
+                for row in rows:
+                    yield position, row
+                    position += 1
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidInputError(f"{label}: not a readable parquet file ({exc})") from None
+    finally:
+        pa.default_memory_pool().release_unused()
+
+
+def _iter_jsonl(p: Path, label: str, budget: ReadBudget):
+    """(line number, record) of a JSONL file, a line at a time within the budget; every defect names the line."""
+    limit = None if budget.max_bytes is None else budget.max_bytes - budget.bytes + 1
+    with p.open("rb") as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(limit) if limit is not None else fh.readline()
+            if not raw:
+                return
+            lineno += 1
+            where = f"{label}:{lineno}"
+            budget.add_bytes(len(raw), where)
+            if limit is not None:
+                limit -= len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            budget.add_rows(1, where)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{where}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InvalidInputError(f"{where}: nested too deeply (at most {MAX_NESTING} levels)") from None
+            yield lineno, record
+
+
+def load_problems(
+    path: str | Path,
+    *,
+    label: str | None = None,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+    max_field_chars: int | None = None,
+    budget: ReadBudget | None = None,
+) -> list[Problem]:
+    """Problems from a .jsonl/.json-lines or .parquet file of VERL records; never empty, ids unique.
+
+    Read incrementally (a JSONL line, a small parquet batch at a time); every string of every record
+    is checked (length at most max_field_chars, no NUL, valid UTF-8, nesting bounded) and every
+    ground truth against its data source's reward. More than max_rows rows or max_bytes decoded
+    bytes (or a shared `budget`'s) is a DatasetTooLarge. Errors name the file as `label` (default:
+    its path), the line or row, and the field."""
     p = Path(path).expanduser()
+    label = str(p) if label is None else label
+    if budget is None:
+        budget = ReadBudget(max_rows, max_bytes, max_field_chars)
     if not p.exists():
-        raise NotFoundError(f"dataset file not found: {p}")
+        raise NotFoundError(f"dataset file not found: {label}")
     if not p.is_file():
-        raise InvalidInputError(f"dataset path is not a file: {p}")
+        raise InvalidInputError(f"dataset path is not a file: {label}")
+    chars = budget.max_field_chars
+    problems: list[Problem] = []
     if p.suffix == ".parquet":
         try:
-            table = pq.read_table(p)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InvalidInputError(f"{p}: not a readable parquet file ({exc})") from None
-        if set(table.column_names) == set(PROBLEM_SCHEMA.names):  # already normalised (import_dataset's output)
-            problems = [Problem(**{k: row[k] for k in PROBLEM_SCHEMA.names}) for row in table.to_pylist()]
-            for prob in problems:
-                get_reward_fn(prob.data_source)
-        else:
-            problems = [problem_from_record(r, i, f"{p} row {i}") for i, r in enumerate(table.to_pylist())]
+            names = set(pq.read_schema(p).names)
+        except (pa.ArrowException, OSError) as exc:
+            raise InvalidInputError(f"{label}: not a readable parquet file ({exc})") from None
+        normalised = names == set(PROBLEM_SCHEMA.names)  # import_dataset's output
+        for i, row in _iter_parquet(p, label, budget):
+            where = f"{label} row {i}"
+            if normalised:
+                problems.append(_normalised_problem(row, where, chars))
+            else:
+                problems.append(problem_from_record(row, i, where, chars))
     elif p.suffix in (".jsonl", ".json"):
-        problems = []
-        with p.open() as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidInputError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
-                problems.append(problem_from_record(record, len(problems), f"{p}:{lineno}"))
+        for lineno, record in _iter_jsonl(p, label, budget):
+            problems.append(problem_from_record(record, len(problems), f"{label}:{lineno}", chars))
     else:
-        raise InvalidInputError(f"{p}: unsupported dataset format {p.suffix!r}; use .jsonl or .parquet")
+        raise InvalidInputError(f"{label}: unsupported dataset format {p.suffix!r}; use .jsonl or .parquet")
     if not problems:
-        raise InvalidInputError(f"{p}: the dataset is empty")
+        raise InvalidInputError(f"{label}: the dataset is empty")
     seen: set[str] = set()
     for prob in problems:
         if prob.problem_id in seen:
-            raise InvalidInputError(f"{p}: duplicate problem id {prob.problem_id!r} (extra_info.index)")
+            raise InvalidInputError(f"{label}: duplicate problem id {prob.problem_id!r} (extra_info.index)")
         seen.add(prob.problem_id)
     return problems
 
@@ -100,6 +305,7 @@ def load_problems(path: str | Path) -> list[Problem]:
 # --- importing (and mixing) datasets into one normalised parquet --------------------------
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_STEM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 ImportProgress = Callable[[int, int, str], None]  # (steps done, steps total, what was just done)
 
 
@@ -110,6 +316,12 @@ def import_dataset(
     seed: int = 0,
     tokenizer=None,
     progress: ImportProgress | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+    max_field_chars: int | None = None,
+    file_stem: str | None = None,
 ) -> dict[str, Any]:
     """Read VERL-style records from local parquet/JSONL files, take `count` problems from each
     (None or 0: all of it; fewer: a random sample for `seed`), and write them as one parquet of
@@ -121,15 +333,29 @@ def import_dataset(
     files every id becomes "<k>-<id>" (k: the file's position). With a tokenizer (object or model
     directory) the metadata records prompt lengths in tokens, the chat template applied when the
     tokenizer has one. Nothing is downloaded. Returns the metadata.
+
+    Bounds (None: unbounded): max_rows and max_bytes cover everything read from all the files and
+    the rows written (DatasetTooLarge), max_field_chars each string of a record (load_problems).
+    `labels` name the files in errors instead of their paths; `file_stem` names the written files
+    (default: the dataset's name), so concurrent imports under one name need not share a file.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InvalidInputError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)")
     inputs = [(Path(p).expanduser(), c) for p, c in paths_with_counts]
     if not inputs:
         raise InvalidInputError("no dataset files given")
-    for path, count in inputs:
+    labels = [str(p) for p, _ in inputs] if labels is None else list(labels)
+    if len(labels) != len(inputs):
+        raise ValueError("one label per input file")
+    stem = name if file_stem is None else file_stem
+    if not _STEM_RE.match(stem):
+        raise InvalidInputError(f"invalid file stem {stem!r}")
+    for label, (path, count) in zip(labels, inputs):
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-            raise InvalidInputError(f"{path}: count must be a non-negative integer (0: all), got {count!r}")
+            raise InvalidInputError(f"{label}: count must be a non-negative integer (0: all), got {count!r}")
+    if max_rows is not None and sum(c for _, c in inputs if c) > max_rows:
+        raise DatasetTooLarge(f"the counts ask for more than max_dataset_rows={max_rows} rows")
+    budget = ReadBudget(max_bytes=max_bytes, max_field_chars=max_field_chars)
     if isinstance(tokenizer, (str, Path)):
         from gradalign_common.modeling import load_tokenizer
 
@@ -138,10 +364,11 @@ def import_dataset(
     chosen: list[list[Problem]] = []
     sources = []
     for k, (path, count) in enumerate(inputs):
-        problems = load_problems(path)
+        budget.rows, budget.max_rows = 0, max_rows  # each file is bounded; the rows selected are bounded below
+        problems = load_problems(path, label=labels[k], budget=budget)
         available = len(problems)
         if count and count > len(problems):
-            raise InvalidInputError(f"{path}: asked for {count} problems but the file has {len(problems)}")
+            raise InvalidInputError(f"{labels[k]}: asked for {count} problems but the file has {len(problems)}")
         if count and count < len(problems):
             keep = sorted(random.Random(f"{seed}:{k}").sample(range(len(problems)), count))
             problems = [problems[i] for i in keep]
@@ -162,10 +389,15 @@ def import_dataset(
     if prefixed:
         chosen = [[dataclasses.replace(p, problem_id=f"{k}-{p.problem_id}") for p in ps] for k, ps in enumerate(chosen)]
     mixed = [p for ps in chosen for p in ps]
+    if max_rows is not None and len(mixed) > max_rows:
+        raise DatasetTooLarge(f"the dataset would have {len(mixed)} rows; at most max_dataset_rows={max_rows}")
     if len(inputs) > 1:
         random.Random(seed).shuffle(mixed)
     out = Path(out_dir).expanduser()
-    path = write_problems(out / f"{name}.parquet", mixed)
+    try:
+        path = write_problems(out / f"{stem}.parquet", mixed)
+    finally:
+        pa.default_memory_pool().release_unused()  # the table written: give its memory back
     metadata: dict[str, Any] = {
         "name": name,
         "path": str(path.resolve()),
@@ -186,7 +418,7 @@ def import_dataset(
             "max": max(lengths),
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         }
-    atomic_write_bytes(out / f"{name}.json", (json.dumps(metadata, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(metadata, indent=2) + "\n").encode())
     if progress:
         progress(steps, steps, f"wrote {path.name}")
     return metadata

@@ -36,25 +36,41 @@ KUBE_VERSIONS = ("1.37.0", "1.27.0")
 WORKERS = ("rollout", "scoring", "trainer")
 
 # Value sets rendered and validated. "external" covers the production branches (external
-# PostgreSQL/Redis URLs, an existing artifact claim, static discovery, no PDB, restricted peers).
-EXTERNAL_VALUES = """
-postgresql: {enabled: false}
-externalDatabase: {url: "postgresql+psycopg://u:p@db.example.com:5432/gradalign"}
-redis: {enabled: false}
-externalRedis: {url: "redis://redis.example.com:6379/0"}
-auth: {bootstrapToken: test-token, tokensFileEnv: GRADALIGN_SCHEDULER_API_TOKENS_FILE}
-artifacts: {existingClaim: shared-artifacts}
+# PostgreSQL/Redis URLs, an existing artifact claim, static discovery, no PDB, restricted peers,
+# egress to a judge and to an in-cluster database, a larger upload limit behind an Ingress).
+JUDGE_CIDR = "203.0.113.7/32"
+EXTERNAL_VALUES = f"""
+postgresql: {{enabled: false}}
+externalDatabase: {{url: "postgresql+psycopg://u:p@db.example.com:5432/gradalign"}}
+redis: {{enabled: false}}
+externalRedis: {{url: "redis://redis.example.com:6379/0"}}
+auth: {{bootstrapToken: test-token}}
+artifacts: {{existingClaim: shared-artifacts}}
 scheduler:
   replicaCount: 2
-  discovery: {mode: static, refreshSeconds: 5}
-  service: {type: LoadBalancer, port: 8000}
-podDisruptionBudget: {enabled: false, maxUnavailable: 1}
+  maxUploadBytes: 5368709120
+  discovery: {{mode: static, refreshSeconds: 5}}
+  service: {{type: LoadBalancer, port: 8000}}
+podDisruptionBudget: {{enabled: false, maxUnavailable: 1}}
 networkPolicy:
   enabled: true
   metricsFrom:
-    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}
+    - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: monitoring}}}}
+  externalDatabase:
+    to:
+      - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: databases}}}}
+    ports: [5432, 6432]
+  judge:
+    to:
+      - ipBlock: {{cidr: "{JUDGE_CIDR}"}}
+    ports: [8443]
+ingress:
+  enabled: true
+  annotations: {{nginx.ingress.kubernetes.io/proxy-read-timeout: "86400"}}
+rollout:
+  settings: {{JUDGE_BASE_URL: "https://judge.example.com:8443/v1", JUDGE_MODEL: judge}}
 scoring:
-  settings: {DTYPE: bfloat16}
+  settings: {{DTYPE: bfloat16}}
 """
 VALUE_SETS: dict[str, list[str]] = {
     "default": [],
@@ -320,7 +336,6 @@ def test_external_values_use_the_given_urls_and_claim(rendered):
     scheduler = by_kind(docs, "Deployment")[f"{FULLNAME}-scheduler"]["spec"]["template"]["spec"]
     env = _env(scheduler["containers"][0])
     assert env["GRADALIGN_SCHEDULER_DISCOVERY"]["value"] == "static"
-    assert env["GRADALIGN_SCHEDULER_API_TOKENS_FILE"]["value"] == "/var/run/secrets/gradalign/api/bootstrap-token"
     assert scheduler["automountServiceAccountToken"] is False
 
 
@@ -344,6 +359,202 @@ def test_chart_discovery_settings_build_a_kubernetes_discovery(rendered, monkeyp
         assert any(p["name"] == "grpc" for p in services[name]["spec"]["ports"])
 
 
+# --- the bundled Redis needs a password --------------------------------------------------------
+
+
+def _container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_bundled_redis_requires_the_password_the_scheduler_url_carries(rendered):
+    docs = rendered["default"]
+    redis = _container(by_kind(docs, "Deployment")[f"{FULLNAME}-redis"])
+    command = redis["command"]
+    assert "--protected-mode" not in command, "no open Redis: requirepass instead"
+    assert command[command.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"  # expanded by the kubelet from the env below
+    env = _env(redis)
+    password_ref = {"name": f"{FULLNAME}-connections", "key": "redis-password"}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == password_ref
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == password_ref  # the redis-cli readiness probe
+    assert redis["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+    secret = by_kind(docs, "Secret")[f"{FULLNAME}-connections"]["stringData"]
+    password = secret["redis-password"]
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password), "generated: 32 random characters"
+    assert secret["redis-url"] == f"redis://:{password}@{FULLNAME}-redis:6379/0"
+    # the scheduler (the one service that uses Redis) gets the URL from the Secret, never as a plain value
+    scheduler = _container(by_kind(docs, "Deployment")[f"{FULLNAME}-scheduler"])
+    assert _env(scheduler)["GRADALIGN_SCHEDULER_REDIS_URL"] == {
+        "name": "GRADALIGN_SCHEDULER_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": f"{FULLNAME}-connections", "key": "redis-url"}}}
+    for role in WORKERS:
+        assert not any("REDIS" in name for name in _env(_container(by_kind(docs, "Deployment")[f"{FULLNAME}-{role}"]))), role
+
+
+def test_a_given_redis_password_is_encoded_into_the_url(helm, external_values):
+    """redis-py decodes the URL the chart writes back to the given password (and SQLAlchemy the PostgreSQL one)."""
+    from redis.connection import parse_url
+    from sqlalchemy.engine import make_url
+
+    odd = "p@ss w/rd+:%?#"
+    docs = manifests(render(helm, ["--set-string", f"redis.auth.password={odd}", "--set-string", f"postgresql.auth.password={odd}"],
+                            external_values))
+    secret = by_kind(docs, "Secret")[f"{FULLNAME}-connections"]["stringData"]
+    assert secret["redis-password"] == odd and secret["postgres-password"] == odd
+    parsed = parse_url(secret["redis-url"])
+    assert (parsed["password"], parsed["host"], parsed["port"]) == (odd, f"{FULLNAME}-redis", 6379)
+    assert make_url(secret["database-url"]).password == odd
+    # the pod restarts when the given password changes
+    annotations = by_kind(docs, "Deployment")[f"{FULLNAME}-redis"]["spec"]["template"]["metadata"]["annotations"]
+    other = by_kind(manifests(render(helm, ["--set-string", "redis.auth.password=other"], external_values)), "Deployment")
+    assert other[f"{FULLNAME}-redis"]["spec"]["template"]["metadata"]["annotations"]["checksum/password"] != annotations["checksum/password"]
+
+
+# --- NetworkPolicies: egress ---------------------------------------------------------------------
+
+
+def _peer(component: str) -> dict:
+    return {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gradalign", "app.kubernetes.io/instance": RELEASE,
+                                            "app.kubernetes.io/component": component}}}
+
+
+DNS_RULE = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}
+ANYWHERE = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+
+
+def _tcp(*ports: int) -> list[dict]:
+    return [{"port": p, "protocol": "TCP"} for p in ports]
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS))
+def test_every_network_policy_restricts_egress_and_never_allows_everything(rendered, values):
+    policies = by_kind(rendered[values], "NetworkPolicy")
+    deployments = by_kind(rendered[values], "Deployment")
+    # networkPolicy.enabled is on by default: every pod of the chart is selected by a policy with Egress
+    assert {name for name, p in policies.items() if "Egress" in p["spec"]["policyTypes"]} == set(deployments)
+    for name, policy in policies.items():
+        for rule in policy["spec"]["egress"]:
+            assert rule.get("to"), f"{name}: an egress rule without `to` allows every destination: {rule}"
+            assert rule.get("ports"), f"{name}: an egress rule without ports: {rule}"
+
+
+def test_default_egress_of_each_pod(rendered):
+    policies = by_kind(rendered["default"], "NetworkPolicy")
+    scheduler = policies[f"{FULLNAME}-scheduler"]["spec"]
+    assert scheduler["policyTypes"] == ["Ingress", "Egress"]
+    assert scheduler["egress"] == [
+        DNS_RULE,
+        {"to": [_peer("rollout")], "ports": _tcp(50051)},
+        {"to": [_peer("scoring")], "ports": _tcp(50052)},
+        {"to": [_peer("trainer")], "ports": _tcp(50053)},
+        {"to": [_peer("postgresql")], "ports": _tcp(5432)},
+        {"to": [_peer("redis")], "ports": _tcp(6379)},
+        # the Kubernetes API for EndpointSlice discovery (networkPolicy.kubernetesApi: narrow it to your API server)
+        {"to": ANYWHERE, "ports": _tcp(443, 6443)},
+    ]
+    for role in WORKERS:  # the artifact store is a volume: DNS is all a worker needs (no judge configured)
+        assert policies[f"{FULLNAME}-{role}"]["spec"]["egress"] == [DNS_RULE], role
+    for db in ("postgresql", "redis"):
+        spec = policies[f"{FULLNAME}-{db}"]["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["egress"] == [], db
+
+
+def test_external_egress_reaches_the_configured_database_redis_and_judge(rendered):
+    policies = by_kind(rendered["external"], "NetworkPolicy")
+    assert set(policies) == {f"{FULLNAME}-{c}" for c in ("scheduler", *WORKERS)}
+    egress = policies[f"{FULLNAME}-scheduler"]["spec"]["egress"]
+    # no bundled databases, static discovery: no pod peers for them and no Kubernetes API rule
+    assert {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "databases"}}}],
+            "ports": _tcp(5432, 6432)} in egress
+    assert {"to": ANYWHERE, "ports": _tcp(6379)} in egress
+    assert not any(_peer(db) in rule["to"] for rule in egress for db in ("postgresql", "redis"))
+    assert not any(443 in [p["port"] for p in rule["ports"]] for rule in egress)
+    assert len(egress) == 1 + 3 + 2
+    judge = {"to": [{"ipBlock": {"cidr": JUDGE_CIDR}}], "ports": _tcp(8443)}
+    assert policies[f"{FULLNAME}-rollout"]["spec"]["egress"] == [DNS_RULE, judge]
+    for role in ("scoring", "trainer"):  # only the rollout workers call the judge
+        assert policies[f"{FULLNAME}-{role}"]["spec"]["egress"] == [DNS_RULE], role
+
+
+def test_egress_options(helm, external_values):
+    docs = manifests(render(helm, [
+        "--set", "networkPolicy.kubernetesApi.to[0].ipBlock.cidr=10.0.0.10/32", "--set", "networkPolicy.kubernetesApi.ports={6443}",
+        "--set", "networkPolicy.dns.to[0].ipBlock.cidr=169.254.20.10/32",
+        "--set", "networkPolicy.workerEgress[0].to[0].ipBlock.cidr=10.1.0.0/16", "--set", "networkPolicy.workerEgress[0].ports[0].port=4318",
+    ], external_values))
+    policies = by_kind(docs, "NetworkPolicy")
+    scheduler = policies[f"{FULLNAME}-scheduler"]["spec"]["egress"]
+    assert scheduler[-1] == {"to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}], "ports": _tcp(6443)}
+    assert scheduler[0]["to"] == [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
+    assert policies[f"{FULLNAME}-trainer"]["spec"]["egress"][-1] == {"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}], "ports": [{"port": 4318}]}
+    # a judge URL without a judge peer: no rule (nothing opens by default), and a warning at install
+    docs = manifests(render(helm, ["--set", "rollout.settings.JUDGE_BASE_URL=https://judge.example.com/v1"], external_values))
+    assert by_kind(docs, "NetworkPolicy")[f"{FULLNAME}-rollout"]["spec"]["egress"] == [DNS_RULE]
+    assert not by_kind(manifests(render(helm, ["--set", "networkPolicy.enabled=false"], external_values)), "NetworkPolicy")
+
+
+# --- the upload limit, the Ingress and the event stream -----------------------------------------
+
+
+def _scheduler_settings(container: dict, monkeypatch):
+    from services.scheduler.settings import SchedulerSettings
+
+    for name, entry in _env(container).items():
+        if name.startswith("GRADALIGN_SCHEDULER_") and "value" in entry:
+            monkeypatch.setenv(name, entry["value"])
+    return SchedulerSettings()
+
+
+@pytest.mark.parametrize(("values", "limit", "read_timeout"), [("gpu", 1 << 30, "3600"), ("external", 5 << 30, "86400")])
+def test_ingress_body_size_is_the_apis_upload_limit(rendered, monkeypatch, values, limit, read_timeout):
+    docs = rendered[values]
+    annotations = by_kind(docs, "Ingress")[FULLNAME]["metadata"]["annotations"]
+    container = _container(by_kind(docs, "Deployment")[f"{FULLNAME}-scheduler"])
+    # ingress-nginx' default (1m) would refuse uploads the API accepts: both come from scheduler.maxUploadBytes
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == str(limit)
+    assert _env(container)["GRADALIGN_SCHEDULER_MAX_UPLOAD_BYTES"]["value"] == str(limit)
+    assert _scheduler_settings(container, monkeypatch).max_upload_bytes == limit
+    # the live events (server-sent, idle between events) are neither buffered nor cut after nginx' 60 s
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == read_timeout  # a given annotation wins
+    assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
+
+
+def test_default_upload_limit_is_the_schedulers_own_default(rendered, monkeypatch):
+    from services.scheduler.settings import SchedulerSettings
+
+    container = _container(by_kind(rendered["default"], "Deployment")[f"{FULLNAME}-scheduler"])
+    assert int(_env(container)["GRADALIGN_SCHEDULER_MAX_UPLOAD_BYTES"]["value"]) == SchedulerSettings.model_fields["max_upload_bytes"].default
+
+
+# --- every variable the chart sets is read by the code ------------------------------------------
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS))
+def test_every_scheduler_variable_the_chart_sets_is_a_scheduler_setting(rendered, values):
+    """A variable no code reads (like the former GRADALIGN_SCHEDULER_API_TOKENS_FILE) is a setting that silently does nothing."""
+    from services.scheduler.settings import SchedulerSettings
+
+    scheduler = by_kind(rendered[values], "Deployment")[f"{FULLNAME}-scheduler"]
+    for container in _gradalign_containers(scheduler):
+        for name in _env(container):
+            if name.startswith("GRADALIGN_SCHEDULER_"):
+                assert name.removeprefix("GRADALIGN_SCHEDULER_").lower() in SchedulerSettings.model_fields, (values, name)
+    assert not any("TOKENS_FILE" in json.dumps(doc) for doc in rendered[values])
+
+
+def test_docs_describe_what_users_must_set():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for needle in ("scheduler.maxUploadBytes", "redis.auth.password", "networkPolicy.kubernetesApi", "networkPolicy.judge",
+                   "networkPolicy.externalDatabase", "networkPolicy.dns", "advisory lock"):
+        assert needle in docs, needle
+    for text in (docs, (CHART / "values.yaml").read_text(), (CHART / "values.schema.json").read_text()):
+        assert "tokensFileEnv" not in text and "API_TOKENS_FILE" not in text
+
+
 # --- values.schema.json: wrong values fail at install ------------------------------------------
 
 
@@ -358,6 +569,10 @@ BAD_VALUES = {
     "bad pull policy": ("cudaImage:\n  pullPolicy: Sometimes\n", "pullPolicy"),
     "bad discovery": ("scheduler:\n  discovery:\n    mode: consul\n", "mode"),
     "unknown top-level": ("workers:\n  gpu: 1\n", "workers"),
+    # no code reads GRADALIGN_SCHEDULER_API_TOKENS_FILE: the value that set it is gone
+    "removed tokensFileEnv": ("auth:\n  tokensFileEnv: GRADALIGN_SCHEDULER_API_TOKENS_FILE\n", "tokensFileEnv"),
+    "bad upload limit": ("scheduler:\n  maxUploadBytes: 0\n", "maxUploadBytes"),
+    "judge port as text": ("networkPolicy:\n  judge:\n    to: []\n    ports: [https]\n", "ports"),
 }
 
 
@@ -382,6 +597,12 @@ def test_values_violating_the_schema_fail_template_and_lint(helm, case, tmp_path
         (["--set", "redis.enabled=false", "--set", "scheduler.replicaCount=2"], "needs Redis"),
         (["--set", "scoring.autoscaling.enabled=true", "--set", "scoring.autoscaling.minReplicas=5",
           "--set", "scoring.autoscaling.maxReplicas=2"], "minReplicas"),
+        # the upload limit has one source, so the API and the proxy cannot disagree
+        (["--set", "scheduler.settings.MAX_UPLOAD_BYTES=10"], "scheduler.maxUploadBytes"),
+        (["--set", "scheduler.extraEnv[0].name=GRADALIGN_SCHEDULER_MAX_UPLOAD_BYTES", "--set", "scheduler.extraEnv[0].value=10"],
+         "scheduler.maxUploadBytes"),
+        (["--set", "ingress.enabled=true", "--set-string", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-body-size=8m"],
+         "scheduler.maxUploadBytes"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(helm, args, message):

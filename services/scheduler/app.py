@@ -43,7 +43,11 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
         bus.close()
         engine.dispose()
 
-    app = FastAPI(title="GradAlign scheduler", version="0.1.0", lifespan=lifespan)
+    # /docs loads Swagger UI from a CDN: off unless docs_enabled (the OpenAPI schema stays at /openapi.json)
+    docs = dict(docs_url="/docs", redoc_url="/redoc") if settings.docs_enabled else dict(docs_url=None, redoc_url=None)
+    app = FastAPI(title="GradAlign scheduler", version="0.1.0", lifespan=lifespan, **docs)
+
+    app.add_middleware(NoSniff)
     # built once, kept on app.state; routes receive them through services.scheduler.deps
     app.state.settings = settings
     app.state.sessions = sessions
@@ -53,12 +57,32 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     app.state.experiments = ExperimentService(settings, sessions, bus)
     app.state.tokens = TokenStore(sessions)
     app.state.datasets = DatasetService(settings, sessions)
-    if settings.bootstrap_token:
-        app.state.tokens.ensure("bootstrap", settings.bootstrap_token)
+    if settings.bootstrap_token and not app.state.tokens.ensure("bootstrap", settings.bootstrap_token):
+        log.warning("bootstrap_token_revoked", detail="the configured bootstrap token was revoked; it stays revoked")
     app.include_router(api_router)
     app.include_router(dashboard_router)
     install_error_handlers(app)
     return app
+
+
+class NoSniff:
+    """ASGI middleware: every response says `X-Content-Type-Options: nosniff` (a response is only ever its declared
+    type). Pure ASGI, so streamed responses (the event stream) pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-content-type-options"]
+                message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def serve(settings: SchedulerSettings) -> None:
@@ -67,7 +91,11 @@ def serve(settings: SchedulerSettings) -> None:
     configure_logging("scheduler", settings.log_level)
     app = create_app(settings)
     log.info("serving", url=f"http://{settings.host}:{settings.port}")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False)
+    # open event streams end on shutdown only once the lifespan's shutdown runs: bound the wait for connections
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False,
+        timeout_graceful_shutdown=10,
+    )
 
 
 def main() -> None:

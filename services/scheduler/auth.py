@@ -40,16 +40,20 @@ class TokenStore:
             s.commit()
         return token
 
-    def ensure(self, name: str, token: str) -> None:
-        """Make `token` valid under `name` (the bootstrap token from settings); idempotent."""
+    def ensure(self, name: str, token: str) -> bool:
+        """Make `token` valid under `name` (the bootstrap token from settings) unless that very token was revoked:
+        a revocation survives restarts; a new token under the name replaces the revoked one. True when valid."""
         digest = hash_token(token)
         with self.sessions() as s:
             row = s.scalar(select(ApiToken).where(ApiToken.name == name))
             if row is None:
                 s.add(ApiToken(name=name, token_hash=digest))
-            else:
+            elif row.token_hash != digest:
                 row.token_hash, row.revoked_at = digest, None
+            elif row.revoked_at is not None:
+                return False
             s.commit()
+            return True
 
     def revoke(self, name: str) -> None:
         with self.sessions() as s:

@@ -15,12 +15,43 @@ def check_under_data_root(path: str | Path, data_root: Path | None, artifact_roo
     """The resolved path (symlinks and '..' resolved) if it lies under data_root or artifact_root."""
     if "\x00" in str(path):
         raise InvalidInputError("the path contains a NUL byte")
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        raise InvalidInputError("the path cannot be resolved") from None
     if data_root is not None and not any(
         resolved.is_relative_to(Path(root).expanduser().resolve()) for root in (data_root, artifact_root)
-    ):
-        raise InvalidInputError(f"{resolved} is outside the allowed data root {Path(data_root).expanduser().resolve()}")
+    ):  # the message names no server path (neither the resolved one nor the root)
+        raise InvalidInputError("the path is outside the allowed data root")
     return resolved
+
+
+def display_path(path: str | Path, data_root: Path | None, artifact_root: Path) -> str:
+    """How a file is named to API users: relative to the data root (or, prefixed "artifacts/", to the
+    artifact root), else by its file name alone -- never as an absolute server path."""
+    p = Path(path)
+    for root, prefix in ((data_root, ""), (artifact_root, "artifacts/")):
+        if root is None:
+            continue
+        try:
+            return prefix + str(p.relative_to(Path(root).expanduser().resolve()))
+        except ValueError:
+            pass
+        try:
+            return prefix + str(p.relative_to(Path(root).expanduser()))
+        except ValueError:
+            pass
+    return p.name
+
+
+def scrub_paths(message: str, data_root: Path | None, artifact_root: Path) -> str:
+    """The message with the data and artifact roots (as given and resolved) cut out of every path."""
+    for root, prefix in ((artifact_root, "artifacts/"), (data_root, "")):
+        if root is None:
+            continue
+        for form in sorted({str(Path(root).expanduser()), str(Path(root).expanduser().resolve())}, key=len, reverse=True):
+            message = message.replace(form + "/", prefix).replace(form, prefix.rstrip("/") or ".")
+    return message
 
 
 def resolve_dataset(ref: str, artifact_root: Path, data_root: Path | None = None, registered: dict[str, str] | None = None) -> Path:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from gradalign_common.errors import ConflictError, FieldError, InvalidInputError, NotFoundError
@@ -32,6 +33,20 @@ async def _unprocessable(_request: Request, exc: InvalidInputError) -> JSONRespo
     return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=422)
 
 
+async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without echoing the input: a NaN, an infinity or a lone surrogate that was refused cannot be
+    written back as JSON (the default handler answered 500 for them)."""
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": _printable(str(e.get("msg", ""))), "type": str(e.get("type", "value_error"))}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _message_with_status(status_code: int):
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status_code)
@@ -41,6 +56,7 @@ def _message_with_status(status_code: int):
 
 def install_error_handlers(app: FastAPI) -> None:
     """Starlette picks the handler of the most specific class, so the subclasses below win over InvalidInputError."""
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(InvalidInputError, _unprocessable)
     app.add_exception_handler(NotFoundError, _message_with_status(404))
     app.add_exception_handler(ConflictError, _message_with_status(409))

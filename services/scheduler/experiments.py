@@ -14,6 +14,7 @@ from gradalign_common.errors import ConflictError, FieldError, InvalidInputError
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.modeling import check_model_dir
 from gradalign_common.records import read_rollouts
+from services.scheduler.budget import check_budget, check_context
 from services.scheduler.bulk import insert_pool
 from services.scheduler.datasets import resolve_dataset
 from services.scheduler.db import Candidate, Dataset, Experiment, PoolProblem, Round, TrainStep, utcnow
@@ -37,9 +38,11 @@ class ExperimentService:
         except InvalidInputError as exc:
             raise FieldError("model", str(exc)) from None
         train_path, pool = self._resolve(body.train_dataset, "train_dataset")
-        val_path, _ = self._resolve(body.val_dataset, "val_dataset")
+        val_path, validation = self._resolve(body.val_dataset, "val_dataset")
         if body.chunk_size > len(pool):
             raise FieldError("chunk_size", f"chunk_size={body.chunk_size} is larger than the {len(pool)} problems of train_dataset")
+        check_budget(body, len(validation), self.settings.max_generated_tokens_per_experiment, self.settings.max_train_steps_per_experiment)
+        check_context(body, model_dir, [*pool, *validation])
         order = [p.problem_id for p in pool]
         random.Random(body.seed).shuffle(order)
         stored = StoredSpec(

@@ -71,6 +71,9 @@ class SchedulerSettings(BaseSettings):
     auth_enabled: bool = Field(default=True, description="mutating requests need a bearer token")
     read_requires_token: bool = Field(default=False, description="reads need a bearer token too")
     bootstrap_token: str | None = Field(default=None, description="a token made valid at start (name 'bootstrap')")
+    docs_enabled: bool = Field(
+        default=False, description="serve Swagger UI at /docs and ReDoc at /redoc (their assets come from a CDN)"
+    )
     log_level: str = "INFO"
 
     def lease_owner(self) -> str:

@@ -20,29 +20,32 @@ from gradalign_common.selection import mode_names
 class ExperimentSpec(BaseModel):
     """An experiment as a user asks for it: the reference's knobs (shared/seed/) plus a few of the trainer's."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities (JSON's non-standard NaN/Infinity, or 1e400) are refused with the field named
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(default="experiment", min_length=1, max_length=200)
-    model: str = Field(min_length=1, description="local Hugging Face model directory of the starting checkpoint")
-    train_dataset: str = Field(min_length=1, description="built-in name (arith-train) or a local .jsonl/.parquet file")
-    val_dataset: str = Field(min_length=1, description="built-in name (arith-val) or a local .jsonl/.parquet file")
-    chunk_size: int = Field(ge=1, description="M: candidate problems per round")
+    model: str = Field(min_length=1, max_length=4096, description="local Hugging Face model directory of the starting checkpoint")
+    train_dataset: str = Field(min_length=1, max_length=4096, description="built-in name (arith-train) or a local .jsonl/.parquet file")
+    val_dataset: str = Field(min_length=1, max_length=4096, description="built-in name (arith-val) or a local .jsonl/.parquet file")
+    chunk_size: int = Field(ge=1, le=1_000_000, description="M: candidate problems per round")
     k: int = Field(ge=1, description="keep M/k candidates per round")
     mode: str = Field(default="sim", description="selection mode", json_schema_extra={"enum": mode_names()})
     num_selections: int = Field(ge=1, le=100_000, description="rounds")
-    train_batch_size: int = Field(ge=1, description="problems per GRPO step")
-    iters_per_select: int = Field(ge=1, description="GRPO steps per round")
-    n_samples_train: int = Field(default=8, ge=1, le=4096, description="k_r: responses per candidate")
-    n_samples_val: int = Field(default=8, ge=1, le=4096, description="k_v: responses per validation problem")
-    max_tokens: int = Field(default=8, ge=1, le=1_000_000)
+    train_batch_size: int = Field(ge=1, le=100_000, description="problems per GRPO step")
+    iters_per_select: int = Field(ge=1, le=100_000, description="GRPO steps per round")
+    n_samples_train: int = Field(default=8, ge=1, le=1024, description="k_r: responses per candidate")
+    n_samples_val: int = Field(default=8, ge=1, le=1024, description="k_v: responses per validation problem")
+    max_tokens: int = Field(
+        default=8, ge=1, le=1_000_000, description="response tokens; with the longest prompt it must fit the model's context"
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
     clip_eps: float = Field(default=0.2, gt=0.0, le=1.0)
-    kl_coef: float = Field(default=0.0, ge=0.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0, description="GRPO steps clip the gradient to this norm")
-    micro_batch_size: int = Field(default=64, ge=1)
+    kl_coef: float = Field(default=0.0, ge=0.0, le=100.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6, description="GRPO steps clip the gradient to this norm")
+    micro_batch_size: int = Field(default=64, ge=1, le=65_536)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     reuse_rollouts: bool = Field(
         default=True, description="the first GRPO step of a round reuses the selected problems' scoring rollouts"
@@ -63,6 +66,19 @@ class ExperimentSpec(BaseModel):
     scoring_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="model dtype for scoring; auto: the scoring service's setting (bfloat16 on CUDA, float32 on CPU)"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable_text(cls, v):
+        """A NUL byte or a lone surrogate cannot be stored (PostgreSQL) nor named as a file: refused, field named."""
+        if isinstance(v, str):
+            if "\x00" in v:
+                raise ValueError("contains a NUL byte")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid Unicode (a lone surrogate)") from None
+        return v
 
     @field_validator("scoring_method")
     @classmethod

@@ -169,3 +169,33 @@ app.kubernetes.io/part-of: gradalign
   value: {{ $value | toString | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* NetworkPolicy egress ---------------------------------------------------------------------- */}}
+
+{{/* The egress rule to the cluster DNS (networkPolicy.dns), UDP and TCP 53. */}}
+{{- define "gradalign.dnsEgress" -}}
+# DNS
+- to:
+    {{- toYaml .Values.networkPolicy.dns.to | nindent 4 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end -}}
+
+{{/* An egress rule from {to: [NetworkPolicyPeer...], ports: [TCP port...]}; none when `to` is empty
+     (an egress rule without `to` would allow every destination). */}}
+{{- define "gradalign.egressRule" -}}
+{{- if .to -}}
+- to:
+    {{- toYaml .to | nindent 4 }}
+  {{- with .ports }}
+  ports:
+    {{- range . }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- end -}}

@@ -54,6 +54,6 @@ def list_train_steps(experiment_id: ExperimentId, round_index: RoundIndex, exper
     return [TrainStepOut.model_validate(t) for t in experiments.train_steps(experiment_id, round_index)]
 
 
-@router.get("/rounds/{round_index}/problems/{problem_id}", response_model=ProblemDetail)
+@router.get("/rounds/{round_index}/problems/{problem_id:path}", response_model=ProblemDetail)
 def get_problem(experiment_id: ExperimentId, round_index: RoundIndex, problem_id: str, experiments: ExperimentsDep) -> ProblemDetail:
     return ProblemDetail.model_validate(experiments.problem(experiment_id, round_index, problem_id))
