@@ -81,6 +81,25 @@ def database_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
+def postgresql_url(request, tmp_path) -> str:
+    """The test PostgreSQL with our tables dropped, for tests that exist only for PostgreSQL; fails (never skips)
+    without GRADALIGN_TEST_DATABASE_URL, which .ci/run always sets."""
+    url = os.environ.get("GRADALIGN_TEST_DATABASE_URL")
+    if not url:
+        pytest.fail("GRADALIGN_TEST_DATABASE_URL is not set: this test needs PostgreSQL", pytrace=False)
+    from sqlalchemy import create_engine, text
+
+    from services.scheduler.db import Base
+
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
 def redis_url() -> str:
     url = os.environ.get("GRADALIGN_TEST_REDIS_URL")
     if not url:

@@ -116,21 +116,31 @@ def test_responses_are_not_sniffed_and_swagger_is_off_unless_enabled(tmp_path, d
         assert client.get("/docs").status_code == 200
 
 
-def test_replicas_starting_together_on_a_fresh_database_migrate_once(tmp_path, database_url):
+def test_replicas_starting_together_on_a_fresh_database_migrate_once(postgresql_url):
     """Several scheduler replicas (and the chart's init container) upgrade a fresh PostgreSQL database at the same
-    moment, as separate processes: one migrates under the advisory lock, the others find it at head."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("replicas share a database only on PostgreSQL (SQLite serves one machine)")
+    moment, as separate processes: one migrates under the advisory lock, the others find it at head. (Replicas share
+    a database only on PostgreSQL; SQLite serves one machine.)"""
     import subprocess
     import sys
+    import time
 
     from services.scheduler.db import make_engine
     from services.scheduler.migrate import current_revision
 
-    command = [sys.executable, "-m", "gradalign_tools.cli", "db", "upgrade", "--database-url", database_url]
+    # each process imports everything first, then all upgrade at the same instant
+    script = (
+        "import sys, time\n"
+        "from services.scheduler.db import make_engine\n"
+        "from services.scheduler.migrate import upgrade\n"
+        "engine = make_engine(sys.argv[1])\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "upgrade(engine)\n"
+    )
+    start_at = str(time.time() + 8.0)
+    command = [sys.executable, "-c", script, postgresql_url, start_at]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outputs
-    engine = make_engine(database_url)
+    engine = make_engine(postgresql_url)
     assert current_revision(engine) is not None
     engine.dispose()
