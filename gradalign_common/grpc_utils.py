@@ -48,6 +48,21 @@ RPC_ERRORS = Counter("gradalign_rpc_errors_total", "gRPC handler calls that ende
 log = get_logger("gradalign.grpc")
 
 
+# our errors -> the status the caller sees; subclasses before their base classes (the first match wins)
+ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (WorkerBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestConflictError, grpc.StatusCode.ALREADY_EXISTS),
+    (ZeroValidationGradientError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+ERROR_CODES_CAUGHT = tuple(cls for cls, _ in ERROR_CODES)
+
+
+def status_code_of(exc: Exception) -> grpc.StatusCode:
+    return next(code for cls, code in ERROR_CODES if isinstance(exc, cls))
+
+
 def rpc_errors(service: str) -> Callable:
     """Decorate a server-streaming handler(self, request, context) so errors become gRPC status codes."""
 
@@ -68,20 +83,8 @@ def rpc_errors(service: str) -> Callable:
                 code = grpc.StatusCode.CANCELLED
                 _log_cancelled(service, method, request, start, str(exc))
                 return
-            except WorkerBusyError as exc:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                context.abort(code, str(exc))
-            except RequestConflictError as exc:
-                code = grpc.StatusCode.ALREADY_EXISTS
-                context.abort(code, str(exc))
-            except ZeroValidationGradientError as exc:
-                code = grpc.StatusCode.FAILED_PRECONDITION
-                context.abort(code, str(exc))
-            except NotFoundError as exc:
-                code = grpc.StatusCode.NOT_FOUND
-                context.abort(code, str(exc))
-            except InvalidInputError as exc:
-                code = grpc.StatusCode.INVALID_ARGUMENT
+            except ERROR_CODES_CAUGHT as exc:
+                code = status_code_of(exc)
                 context.abort(code, str(exc))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, the server keeps serving
                 if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortionError":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gradalign_common.tiny_model import TinyModelSpec, build_and_save
+from scheduler_fixtures import emptied_database
 from scoring_fixtures import random_rollouts, save_tiny_qwen2, tiny_qwen2
 from trainer_fixtures import build_random_tiny_model
 
@@ -68,35 +69,17 @@ def database_url(request, tmp_path) -> str:
     """A clean database: a fresh SQLite file, or the test PostgreSQL with our tables dropped."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'scheduler.db'}"
-    from sqlalchemy import create_engine, text
-
-    from services.scheduler.db import Base
-
-    engine = create_engine(request.param)
-    Base.metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
-    return request.param
+    return emptied_database(request.param)
 
 
 @pytest.fixture
-def postgresql_url(request, tmp_path) -> str:
+def postgresql_url() -> str:
     """The test PostgreSQL with our tables dropped, for tests that exist only for PostgreSQL; fails (never skips)
     without GRADALIGN_TEST_DATABASE_URL, which .ci/run always sets."""
     url = os.environ.get("GRADALIGN_TEST_DATABASE_URL")
     if not url:
         pytest.fail("GRADALIGN_TEST_DATABASE_URL is not set: this test needs PostgreSQL", pytrace=False)
-    from sqlalchemy import create_engine, text
-
-    from services.scheduler.db import Base
-
-    engine = create_engine(url)
-    Base.metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
-    return url
+    return emptied_database(url)
 
 
 @pytest.fixture

@@ -12,6 +12,20 @@ TEST_TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
+def emptied_database(url: str) -> str:
+    """`url` with the scheduler's tables (and Alembic's version row) dropped: a fresh database for a test."""
+    from sqlalchemy import create_engine, text
+
+    from services.scheduler.db import Base
+
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
+    return url
+
+
 def make_settings(tmp_path: Path, database_url: str, **overrides) -> SchedulerSettings:
     values = dict(
         database_url=database_url,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gradalign_common.modeling import load_model
-from scheduler_fixtures import experiment_body, wait_for_experiment
+from scheduler_fixtures import emptied_database, experiment_body, wait_for_experiment
 from gradalign_tools.stack import LocalStack, StackConfig, free_port
 
 pytestmark = pytest.mark.slow
@@ -35,18 +35,7 @@ def _results(client, exp_id):
 
 def _fresh_database_url(tmp_path):
     url = os.environ.get("GRADALIGN_TEST_DATABASE_URL")
-    if not url:
-        return None
-    from sqlalchemy import create_engine, text
-
-    from services.scheduler.db import Base
-
-    engine = create_engine(url)
-    Base.metadata.drop_all(engine)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
-    return url
+    return emptied_database(url) if url else None
 
 
 def test_scheduler_killed_at_random_points_resumes_exactly(tmp_path, tiny_model_dir):

@@ -19,8 +19,6 @@ import os
 import random
 import re
 import shutil
-import socket
-import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,6 +29,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from scheduler_fixtures import experiment_body, make_settings
+from live_scheduler import LiveScheduler
 from services.scheduler.app import create_app
 from services.scheduler.dashboard import STATIC_DIR
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep, utcnow
@@ -57,42 +56,6 @@ TIMEOUT_MS = 15_000
 
 
 # ---- the live scheduler ---------------------------------------------------------------------------
-
-
-class LiveScheduler:
-    """create_app(settings) served by uvicorn in a thread on a free 127.0.0.1 port."""
-
-    def __init__(self, settings):
-        import uvicorn
-
-        self.app = create_app(settings)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="dashboard-scheduler", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the scheduler did not start")
-            time.sleep(0.02)
-
-    @property
-    def sessions(self):
-        return self.app.state.sessions
-
-    def publish(self, event: dict) -> None:
-        self.app.state.bus.publish({"time": time.time(), **event})
-
-    def stop(self) -> None:
-        shutdown = getattr(self.app.state, "shutdown", None)
-        if shutdown is not None:
-            shutdown.set()  # ends open event streams
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 @pytest.fixture

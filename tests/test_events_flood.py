@@ -22,44 +22,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scheduler_fixtures import make_settings
+from live_scheduler import LiveScheduler
 from services.scheduler.app import create_app
 from services.scheduler.events import InProcessEventBus, RedisEventBus
 
 STREAMS = 100
 HEALTHZ_BOUND_S = 0.200
 LIST_BOUND_S = 0.500
-
-
-class LiveScheduler:
-    """create_app(settings) served by uvicorn in a thread on a free 127.0.0.1 port (test_dashboard.py's approach)."""
-
-    def __init__(self, settings):
-        import uvicorn
-
-        self.app = create_app(settings)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.host, self.port = sock.getsockname()
-        self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="flood-scheduler", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the scheduler did not start")
-            time.sleep(0.02)
-
-    def open_streams(self) -> int:
-        slots = getattr(self.app.state, "event_stream_slots", None)
-        return 0 if slots is None else slots.open_streams()
-
-    def stop(self) -> None:
-        self.app.state.shutdown.set()  # ends open event streams
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 class RawStream:

@@ -28,7 +28,7 @@ from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.records import Problem, ScoreRecord, write_problems
 from gradalign_common.round_policy import FALLBACK_MODE, chunk_positions, scoring_mode, select_round, stage_seed
-from gradalign_common.selection import ValidationSource
+from gradalign_common.selection import ValidationSource, get_mode
 from services.scheduler import workers
 from services.scheduler.bulk import insert_candidates, update_candidates
 from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep
@@ -190,7 +190,7 @@ def rollout_val(rt: StageRuntime) -> StageOutcome:
 
 def validation_paths(rt: StageRuntime, mode_name: str) -> list[str]:
     """The rollouts the mode's validation gradient comes from, as the mode says."""
-    source = scoring_mode(mode_name, None).validation
+    source = get_mode(mode_name).validation
     if source is ValidationSource.CANDIDATES:  # LearnAlign-style: the round's candidates themselves
         return rt.previous.get("rollout_train", RolloutResult).paths
     if source is ValidationSource.EXTERNAL:
