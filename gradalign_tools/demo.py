@@ -87,7 +87,7 @@ def run_demo(home: Path) -> int:
     with LocalStack(config) as stack:
         print("starting scheduler, rollout, scoring and trainer ...")
         stack.start()
-        print(f"API: {config.api_url}  (OpenAPI docs at {config.api_url}/docs)")
+        print(f"API: {config.api_url}  (dashboard at {config.api_url}/, OpenAPI schema at {config.api_url}/openapi.json)")
         resp = httpx.post(
             f"{config.api_url}/api/v1/experiments", json=demo_experiment(model_dir), headers=config.auth_headers, timeout=60
         )
