@@ -65,11 +65,13 @@ def up(
     trainer_port: int = typer.Option(50053),
     database_url: str = typer.Option(None, help="default: SQLite under --home"),
     redis_url: str = typer.Option(None, help="default: in-process event bus"),
+    models_root: Path = typer.Option(None, help="experiments' models must lie under it; default: <home>/models"),
 ) -> None:
     """Start scheduler, rollout, scoring and trainer locally; stop them all on Ctrl-C or when one dies."""
     config = StackConfig(
         home=home, api_port=api_port, rollout_port=rollout_port, scoring_port=scoring_port,
         trainer_port=trainer_port, database_url=database_url, redis_url=redis_url,
+        models_root=models_root or home / "models",
     )
     stack = LocalStack(config)
     stopping = {"flag": False}
@@ -85,7 +87,8 @@ def up(
         typer.echo(f"error: {exc}", err=True)
         stack.stop()
         raise typer.Exit(1)
-    typer.echo(f"GradAlign is up. API: {config.api_url}  docs: {config.api_url}/docs  logs: {stack.log_dir}")
+    typer.echo(f"GradAlign is up. Dashboard: {config.api_url}/  API schema: {config.api_url}/openapi.json  logs: {stack.log_dir}")
+    typer.echo(f"Models for experiments go under {config.models_root}")
     typer.echo(f"API token for this session (Authorization: Bearer ...): {config.api_token}")
     code = 0
     while not stopping["flag"]:

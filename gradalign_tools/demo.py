@@ -82,7 +82,7 @@ def run_demo(home: Path) -> int:
     home = home.resolve()
     model_dir = ensure_tiny_model(home)
     config = StackConfig(
-        home=home, api_port=free_port(), rollout_port=free_port(), scoring_port=free_port(), trainer_port=free_port()
+        home=home, models_root=model_dir.parent, api_port=free_port(), rollout_port=free_port(), scoring_port=free_port(), trainer_port=free_port()
     )
     with LocalStack(config) as stack:
         print("starting scheduler, rollout, scoring and trainer ...")

@@ -42,6 +42,7 @@ class StackConfig:
     trainer_port: int = 50053
     database_url: str | None = None  # default: SQLite under home
     redis_url: str | None = None
+    models_root: Path | None = None  # where experiments' models must lie; None: the scheduler's own setting
     torch_threads: int = 0
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # made valid at the scheduler's start
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -75,6 +76,8 @@ class StackConfig:
             env[p + "BOOTSTRAP_TOKEN"] = self.api_token
             if self.redis_url:
                 env[p + "REDIS_URL"] = self.redis_url
+            if self.models_root is not None:
+                env[p + "MODELS_ROOT"] = str(self.models_root.resolve())
             env[p + "ROLLOUT_ADDRESSES"] = f'["{self.address("rollout")}"]'
             env[p + "SCORING_ADDRESSES"] = f'["{self.address("scoring")}"]'
             env[p + "TRAINER_ADDRESS"] = self.address("trainer")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,6 +21,20 @@ from scoring_fixtures import random_rollouts, save_tiny_qwen2, tiny_qwen2
 from trainer_fixtures import build_random_tiny_model
 
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def models_root(tmp_path_factory) -> Iterator[Path]:
+    """The scheduler's models root in every test (in-process settings and started stacks read it from the
+    environment): pytest's base temporary directory, under which every test model is built."""
+    root = tmp_path_factory.getbasetemp()
+    previous = os.environ.get("GRADALIGN_SCHEDULER_MODELS_ROOT")
+    os.environ["GRADALIGN_SCHEDULER_MODELS_ROOT"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("GRADALIGN_SCHEDULER_MODELS_ROOT", None)
+    else:
+        os.environ["GRADALIGN_SCHEDULER_MODELS_ROOT"] = previous
 
 
 @pytest.fixture(scope="session")

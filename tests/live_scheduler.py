@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from services.scheduler.app import create_app
+from services.scheduler.app import create_app, server_options
 
 
 class LiveScheduler:
@@ -20,7 +20,8 @@ class LiveScheduler:
         sock.bind(("127.0.0.1", 0))
         self.host, self.port = sock.getsockname()
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3)
+        options = {**server_options(settings), "log_level": "warning", "timeout_graceful_shutdown": 3}
+        config = uvicorn.Config(self.app, lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name=thread_name, daemon=True)
         self.thread.start()

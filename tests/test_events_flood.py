@@ -1,7 +1,8 @@
 """Many open live event streams must not slow the API: a stream holds no threadpool thread.
 
 The scheduler runs for real (uvicorn in a thread on a free loopback port, as in
-test_dashboard.py: TestClient would serialise the requests), on SQLite, with the in-process
+the dashboard tests: TestClient would serialise the requests), on SQLite (and, for the hundred
+streams, PostgreSQL when GRADALIGN_TEST_DATABASE_URL is set), with the in-process
 event bus and, when GRADALIGN_TEST_REDIS_URL is set, the Redis one. Streams are plain sockets
 speaking HTTP/1.1, so the test itself holds no thread per stream either. Also: the caps on open
 streams (in total, per client address) answer 429 with Retry-After, a closed stream frees its
@@ -34,10 +35,13 @@ LIST_BOUND_S = 0.500
 class RawStream:
     """GET /api/v1/events over a bare socket: the status, the headers, then the body as it comes."""
 
-    def __init__(self, live: LiveScheduler, query: str = "", source: str | None = None, timeout: float = 60.0):
+    def __init__(
+        self, live: LiveScheduler, query: str = "", source: str | None = None, timeout: float = 60.0, forwarded_for: str | None = None
+    ):
         self.sock = socket.create_connection((live.host, live.port), timeout=timeout, source_address=(source, 0) if source else None)
+        proxy = f"X-Forwarded-For: {forwarded_for}\r\n" if forwarded_for else ""
         self.sock.sendall(
-            f"GET /api/v1/events{query} HTTP/1.1\r\nHost: {live.host}:{live.port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+            f"GET /api/v1/events{query} HTTP/1.1\r\nHost: {live.host}:{live.port}\r\n{proxy}Accept: text/event-stream\r\n\r\n".encode()
         )
         self.buf = b""
         head = self.read_until(b"\r\n\r\n")
@@ -96,8 +100,9 @@ def bus_url(request) -> str | None:
 
 @pytest.fixture
 def flood_settings(tmp_path, bus_url):
-    def make(**overrides):
-        return make_settings(tmp_path, f"sqlite:///{tmp_path / 'scheduler.db'}", redis_url=bus_url, **overrides)
+    def make(database_url: str | None = None, **overrides):
+        url = database_url or f"sqlite:///{tmp_path / 'scheduler.db'}"
+        return make_settings(tmp_path, url, redis_url=bus_url, **overrides)
 
     return make
 
@@ -130,8 +135,19 @@ def _timed_get(live: LiveScheduler, path: str) -> float:
     return elapsed
 
 
-def test_a_hundred_open_streams_do_not_slow_the_api(flood_settings, live_factory):
-    live = live_factory(flood_settings(max_event_streams=STREAMS, max_event_streams_per_client=STREAMS))
+def _close_one_and_reopen(live: LiveScheduler, streams: list[RawStream], index: int) -> None:
+    """Close streams[index]; once its place is freed (only the rest of `streams` open), a new stream gets
+    one: appended to `streams`."""
+    streams.pop(index).close()
+    wait_until(lambda: live.open_streams() == len(streams), 5, "the closed stream's place to be freed")
+    again = RawStream(live)
+    assert again.status == 200, again.buf
+    streams.append(again)
+
+
+def test_a_hundred_open_streams_do_not_slow_the_api(flood_settings, live_factory, database_url):
+    settings = flood_settings(database_url=database_url, max_event_streams=STREAMS, max_event_streams_per_client=STREAMS)
+    live = live_factory(settings)
     streams: list[RawStream] = []
     try:
         _timed_get(live, "/healthz"), _timed_get(live, "/api/v1/experiments")  # warm
@@ -168,11 +184,7 @@ def test_a_hundred_open_streams_do_not_slow_the_api(flood_settings, live_factory
         assert _timed_get(live, "/healthz") < HEALTHZ_BOUND_S * 5  # refusals cost nothing either
 
         # a closed stream frees its place
-        streams.pop().close()
-        wait_until(lambda: live.open_streams() == STREAMS - 1, 5, "the closed stream's place to be freed")
-        again = RawStream(live)
-        assert again.status == 200, again.buf
-        streams.append(again)
+        _close_one_and_reopen(live, streams, -1)
     finally:
         for s in streams:
             s.close()
@@ -191,11 +203,29 @@ def test_the_per_client_cap_counts_each_address(flood_settings, live_factory):
         other = RawStream(live, source="127.0.0.2")  # another client address still gets one
         assert other.status == 200, other.buf
         streams.append(other)
-        streams.pop(0).close()
-        wait_until(lambda: live.open_streams() == 3, 5, "the closed stream's place to be freed")
-        back = RawStream(live)
-        assert back.status == 200, back.buf
-        streams.append(back)
+        _close_one_and_reopen(live, streams, 0)  # one of the first client's: that client gets a place again
+    finally:
+        for s in streams:
+            s.close()
+    wait_until(lambda: live.open_streams() == 0, 10, "every closed stream's place to be freed")
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_behind_a_trusted_proxy_the_per_client_cap_counts_the_forwarded_clients(flood_settings, live_factory, trusted):
+    """uvicorn takes the client from X-Forwarded-For only when the connection comes from forwarded_allow_ips
+    (the default trusts 127.0.0.1, where these connections come from): behind an Ingress, each user has a cap of
+    their own; from an untrusted proxy the header is ignored and everyone shares the proxy's."""
+    proxies = {} if trusted else {"forwarded_allow_ips": "10.9.9.9"}
+    live = live_factory(flood_settings(max_event_streams=10, max_event_streams_per_client=2, **proxies))
+    streams = [RawStream(live, forwarded_for="10.0.0.1") for _ in range(2)]
+    try:
+        assert [s.status for s in streams] == [200, 200]
+        again = RawStream(live, forwarded_for="10.0.0.1")
+        assert again.status == 429 and "max_event_streams_per_client" in again.body()["detail"]
+        again.close()
+        other = RawStream(live, forwarded_for="10.0.0.2")  # another user behind the same proxy
+        streams.append(other)
+        assert other.status == (200 if trusted else 429), other.buf
     finally:
         for s in streams:
             s.close()

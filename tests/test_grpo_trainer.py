@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.generation import prompt_token_ids
 from gradalign_common.modeling import load_model, load_tokenizer
-from gradalign_common.prompts import render_prompt
 from gradalign_common.records import RolloutRecord
 from services.trainer.grpo import (
     GRPOConfig,
@@ -20,27 +18,13 @@ from services.trainer.grpo import (
     target_log_probs,
     train_grpo,
 )
-from trainer_fixtures import ANSWER, constant_answer_problems
+from trainer_fixtures import constant_answer_problems, made_up_rollouts
 
 SMALL = GRPOConfig(steps=2, batch_size=4, n_samples=4, learning_rate=1e-3, max_tokens=3, micro_batch_size=6, seed=3)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _reused_rollouts(tokenizer, problems, n: int) -> dict[str, list[RolloutRecord]]:
-    """n made-up responses per problem: the first half answer correctly ("7", reward 1), the rest "x"."""
-    out = {}
-    for p in problems:
-        prompt = tuple(prompt_token_ids(tokenizer, [render_prompt(p.prompt, tokenizer)])[0])
-        records = []
-        for j in range(n):
-            text = ANSWER if j < n // 2 else "xy"
-            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-            records.append(RolloutRecord(p.problem_id, prompt, ids, reward=float(text == ANSWER), text=text))
-        out[p.problem_id] = records
-    return out
 
 
 def test_each_epoch_is_a_seeded_shuffle_of_the_selection():
@@ -124,7 +108,7 @@ def test_micro_batching_does_not_change_the_update(random_tiny_checkpoint):
     grads, metrics = [], []
     for micro in (1, 5, 24):
         model, tokenizer = load_model(random_tiny_checkpoint), load_tokenizer(random_tiny_checkpoint)
-        reused = _reused_rollouts(tokenizer, problems, config.n_samples)
+        reused = made_up_rollouts(tokenizer, problems, config.n_samples)
         trainer = GRPOTrainer(
             model, tokenizer, problems, dataclasses.replace(config, micro_batch_size=micro), first_batch_rollouts=reused
         )
@@ -144,7 +128,7 @@ def test_first_step_reuses_given_rollouts(random_tiny_checkpoint):
     model, tokenizer = load_model(random_tiny_checkpoint), load_tokenizer(random_tiny_checkpoint)
     problems = constant_answer_problems(4)
     # 8 responses each; the trainer takes the first n_samples = 4 (two right, two wrong)
-    reused = _reused_rollouts(tokenizer, problems, 8)
+    reused = made_up_rollouts(tokenizer, problems, 8)
     reused = {pid: rs[2:6] + rs[:2] + rs[6:] for pid, rs in reused.items()}
     initial = _state(model)
     first, second = train_grpo(model, tokenizer, problems, SMALL, first_batch_rollouts=reused)

@@ -12,7 +12,7 @@ import pytest
 from gradalign_common.datasets import load_problems
 from gradalign_common.errors import RequestConflictError
 from gradalign_common.grpc_utils import channel
-from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc, scoring_pb2, scoring_pb2_grpc
+from gradalign_common.pb import common_pb2, rollout_pb2, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.pb import training_pb2, training_pb2_grpc
 from gradalign_common.records import write_problems, write_rollouts
 from gradalign_common.request_identity import (
@@ -23,15 +23,13 @@ from gradalign_common.request_identity import (
     sidecar_path,
 )
 from gradalign_common.tiny_task import write_splits
-from services.rollout.server import RolloutServicer
-from services.rollout.server import create_server as create_rollout_server
-from services.rollout.settings import RolloutSettings
 from services.scoring.server import start_server as start_scoring_server
 from services.scoring.settings import ScoringSettings
 from services.trainer import server as trainer_server
 from services.trainer.backends import torch as torch_backend
 from services.trainer.server import MARKER_NAME
 from services.trainer.settings import TrainerSettings
+from rollout_fixtures import serving_rollout
 from scoring_fixtures import random_rollouts
 from trainer_fixtures import constant_answer_problems
 
@@ -130,15 +128,8 @@ def test_the_trainer_refuses_a_known_request_id_with_a_different_body(trainer, r
 
 @pytest.fixture
 def rollout(tmp_path):
-    settings = RolloutSettings(port=0, artifact_root=tmp_path, batch_size=8, max_model_len=32, reward_workers=0)
-    servicer = RolloutServicer(settings)
-    server, _, port = create_rollout_server(settings, servicer)
-    server.start()
-    ch = channel(f"127.0.0.1:{port}")
-    yield rollout_pb2_grpc.RolloutServiceStub(ch)
-    ch.close()
-    server.stop(0)
-    servicer.close()
+    with serving_rollout(tmp_path, reward_workers=0) as (stub, _):
+        yield stub
 
 
 def test_rollout_refuses_a_known_request_id_with_a_different_body(rollout, tiny_model_dir, tmp_path):

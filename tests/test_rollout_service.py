@@ -6,26 +6,17 @@ import grpc
 import pytest
 
 from gradalign_common.datasets import load_problems
-from gradalign_common.grpc_utils import channel
 from gradalign_common.modeling import load_model, save_checkpoint, load_tokenizer
-from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
+from gradalign_common.pb import common_pb2, rollout_pb2
 from gradalign_common.records import Problem, read_problems, read_rollouts, write_problems
 from gradalign_common.tiny_task import write_splits
-from services.rollout.server import RolloutServicer, create_server
-from services.rollout.settings import RolloutSettings
+from rollout_fixtures import serving_rollout
 
 
 @pytest.fixture
 def rollout(tmp_path):
-    settings = RolloutSettings(port=0, artifact_root=tmp_path, batch_size=8, max_model_len=32, reward_workers=1)
-    servicer = RolloutServicer(settings)
-    server, health, port = create_server(settings, servicer)
-    server.start()
-    ch = channel(f"127.0.0.1:{port}")
-    yield rollout_pb2_grpc.RolloutServiceStub(ch), servicer
-    ch.close()
-    server.stop(0)
-    servicer.close()
+    with serving_rollout(tmp_path, reward_workers=1) as started:
+        yield started
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ def test_bad_model_path_is_422(client, tmp_path, tiny_model_dir):
     not_a_model.mkdir()
     resp = client.post("/api/v1/experiments", json=experiment_body(not_a_model))
     assert "model" in _field_of_422(resp)
-    assert "config.json" in resp.json()["detail"][0]["msg"]
+    assert resp.json()["detail"][0]["msg"] == "not a usable model under the models root"  # no hint of what is there
 
 
 def test_bad_datasets_are_422(client, tmp_path, tiny_model_dir):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 
-from services.trainer.grpo import GRPOConfig
 from services.trainer.backends.verl.command import (
     REWARD_FILE,
     VERL_VERSION,
@@ -40,24 +39,13 @@ from services.trainer.backends.verl.command import (
 from services.trainer.backends.verl.job import prepare_job
 from services.trainer.backends.verl.options import VerlOptions
 from trainer_fixtures import constant_answer_problems
+from verl_fixtures import SAMPLE
 
 REQUIREMENTS = "requirements/verl-config.txt"
 
-REQUEST = GRPOConfig(
-    steps=4,
-    batch_size=8,
-    n_samples=8,
-    learning_rate=1e-6,
-    clip_eps=0.28,
-    kl_coef=0.001,
-    entropy_coef=0.001,
-    max_grad_norm=0.5,
-    max_tokens=3072,
-    temperature=0.9,
-    top_p=0.95,
-    seed=7,
-    weight_decay=0.01,
-)
+# the verl tests' sample request, with a gradient clip and a temperature away from the defaults (so the
+# checks below see them arrive)
+REQUEST = dataclasses.replace(SAMPLE, max_grad_norm=0.5, temperature=0.9)
 CLUSTERS = {
     "1gpu": VerlOptions(n_gpus_per_node=1),
     "8gpu-tp2": VerlOptions(n_gpus_per_node=8, tensor_parallel_size=2, gpu_memory_utilization=0.5),

@@ -4,6 +4,7 @@ while a worker is saturated."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -228,27 +229,36 @@ def test_capacity_two_admits_a_second_request_which_waits_for_the_model(
 # --- scoring and trainer use their gates too ------------------------------------------------------
 
 
+def _assert_busy_then_stop(server, port: int, gate: RequestGate, call, message: str) -> None:
+    """`call(channel)` (a streaming RPC, consumed) to `server` on `port`, while the test holds every slot of
+    its `gate`, is refused: RESOURCE_EXHAUSTED with `message`. The server is stopped whatever happens."""
+    try:
+        with channel(f"127.0.0.1:{port}") as ch, contextlib.ExitStack() as held:
+            for _ in range(gate.capacity):
+                held.enter_context(gate.slot())
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(ch))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details() == message
+    finally:
+        server.stop(None)
+
+
 def test_scoring_and_trainer_refuse_when_their_slots_are_taken(tmp_path):
     scoring = ScoringServicer(ScoringSettings(host="127.0.0.1", port=0))
     server, _, port = start_server(ScoringSettings(host="127.0.0.1", port=0), scoring)
-    try:
-        with channel(f"127.0.0.1:{port}") as ch, scoring.gate.slot():
-            with pytest.raises(grpc.RpcError) as info:
-                list(scoring_pb2_grpc.ScoringServiceStub(ch).Score(scoring_pb2.ScoreRequest(mode="rand"), timeout=30))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert info.value.details() == "scoring service busy: 1 of 1 request slots in use; retry later"
-    finally:
-        server.stop(None)
+    _assert_busy_then_stop(
+        server, port, scoring.gate,
+        lambda ch: scoring_pb2_grpc.ScoringServiceStub(ch).Score(scoring_pb2.ScoreRequest(mode="rand"), timeout=30),
+        "scoring service busy: 1 of 1 request slots in use; retry later",
+    )
 
     settings = TrainerSettings(host="127.0.0.1", port=0, artifact_root=tmp_path, max_concurrent_requests=2)
     trainer = TrainerServicer(settings)
     server, _, port = create_trainer_server(settings, trainer)
     server.start()
-    try:
-        with channel(f"127.0.0.1:{port}") as ch, trainer.gate.slot(), trainer.gate.slot():
-            with pytest.raises(grpc.RpcError) as info:
-                list(training_pb2_grpc.TrainerServiceStub(ch).Train(training_pb2.TrainRequest(request_id="t"), timeout=30))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert info.value.details() == "trainer service busy: 2 of 2 request slots in use; retry later"
-    finally:
-        server.stop(None)
+    _assert_busy_then_stop(
+        server, port, trainer.gate,
+        lambda ch: training_pb2_grpc.TrainerServiceStub(ch).Train(training_pb2.TrainRequest(request_id="t"), timeout=30),
+        "trainer service busy: 2 of 2 request slots in use; retry later",
+    )

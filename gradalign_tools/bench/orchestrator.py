@@ -52,6 +52,7 @@ def run_experiments(
 
     settings = SchedulerSettings(
         database_url=f"sqlite:///{home / 'scheduler.db'}", artifact_root=home / "artifacts", data_root=home,
+        models_root=model_dir.parent,
         rollout_addresses=[workers.addresses["rollout"]], scoring_addresses=[workers.addresses["scoring"]],
         trainer_address=workers.addresses["trainer"], poll_interval_s=0.05, auth_enabled=False,
         max_parallel_experiments=max_parallel, log_level="WARNING", **settings_overrides,

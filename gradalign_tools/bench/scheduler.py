@@ -82,7 +82,9 @@ def scheduler_command(
         engine, sessions = _fresh(url)
         typer.echo(f"database: {engine.dialect.name}")
         model_dir = build_and_save(tmp / "model", TinyModelSpec(warmup_steps=0))
-        settings = SchedulerSettings(database_url=url, artifact_root=tmp / "artifacts", data_root=tmp, run_orchestrator=False)
+        settings = SchedulerSettings(
+            database_url=url, artifact_root=tmp / "artifacts", data_root=tmp, models_root=tmp, run_orchestrator=False
+        )
         service = ExperimentService(settings, sessions, InProcessEventBus())
 
         # ---- ingest ---------------------------------------------------------------------
@@ -253,7 +255,7 @@ def _round_overhead(tmp: Path) -> dict:
 
     home = tmp / "stack"
     model_dir = ensure_tiny_model(home)
-    config = StackConfig(home=home, api_port=free_port(), rollout_port=free_port(), scoring_port=free_port(), trainer_port=free_port())
+    config = StackConfig(home=home, models_root=model_dir.parent, api_port=free_port(), rollout_port=free_port(), scoring_port=free_port(), trainer_port=free_port())
     with LocalStack(config) as stack:
         stack.start()
         client = httpx.Client(base_url=config.api_url, timeout=30, headers=config.auth_headers)

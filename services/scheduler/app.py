@@ -16,6 +16,7 @@ from services.scheduler.errors import install_error_handlers
 from services.scheduler.migrate import upgrade
 from services.scheduler.events import make_event_bus
 from services.scheduler.experiments import ExperimentService
+from services.scheduler.openapi import install_openapi
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.routes import api_router
 from services.scheduler.settings import SchedulerSettings
@@ -43,9 +44,10 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
         bus.close()
         engine.dispose()
 
-    # /docs loads Swagger UI from a CDN: off unless docs_enabled (the OpenAPI schema stays at /openapi.json)
-    docs = dict(docs_url="/docs", redoc_url="/redoc") if settings.docs_enabled else dict(docs_url=None, redoc_url=None)
-    app = FastAPI(title="GradAlign scheduler", version="0.1.0", lifespan=lifespan, **docs)
+    # /openapi.json, /docs and /redoc come from services.scheduler.openapi (reads, like the API's GETs)
+    app = FastAPI(
+        title="GradAlign scheduler", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+    )
 
     app.add_middleware(NoSniff)
     # built once, kept on app.state; routes receive them through services.scheduler.deps
@@ -61,6 +63,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
         log.warning("bootstrap_token_revoked", detail="the configured bootstrap token was revoked; it stays revoked")
     app.include_router(api_router)
     app.include_router(dashboard_router)
+    install_openapi(app, settings)
     install_error_handlers(app)
     return app
 
@@ -91,10 +94,19 @@ def serve(settings: SchedulerSettings) -> None:
     configure_logging("scheduler", settings.log_level)
     app = create_app(settings)
     log.info("serving", url=f"http://{settings.host}:{settings.port}")
-    # open event streams end on shutdown only once the lifespan's shutdown runs: bound the wait for connections
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False,
+    uvicorn.run(app, host=settings.host, port=settings.port, **server_options(settings))
+
+
+def server_options(settings: SchedulerSettings) -> dict:
+    """uvicorn's options for the scheduler (also used by tests that serve the app for real)."""
+    return dict(
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        # open event streams end on shutdown only once the lifespan's shutdown runs: bound the wait for connections
         timeout_graceful_shutdown=10,
+        # the client address (per-client limits, logs) from X-Forwarded-For, when a trusted proxy sent it
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
 
 

@@ -18,6 +18,11 @@ from gradalign_common.errors import InvalidInputError, NotFoundError
 from services.scheduler.db import ApiToken, utcnow
 
 bearer = HTTPBearer(auto_error=False, description="API token from `gradalign token create`")
+# The same header, read under scheme names of their own: whether these ask for a token is a setting, so
+# services.scheduler.openapi turns them into `bearer` or into nothing (CONDITIONAL_TOKEN_SCHEMES).
+read_bearer = HTTPBearer(auto_error=False, scheme_name="ReadToken")
+metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsToken")
+CONDITIONAL_TOKEN_SCHEMES = {"ReadToken": "read_requires_token", "MetricsToken": "metrics_requires_token"}
 
 
 def hash_token(token: str) -> str:
@@ -73,19 +78,28 @@ class TokenStore:
             return row is not None and row.revoked_at is None
 
 
-def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+def _check(request: Request, token: str | None) -> None:
     if not request.app.state.settings.auth_enabled:
         return
-    if credentials is None or not credentials.credentials:
+    if not token:
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    if not request.app.state.tokens.is_valid(credentials.credentials):
+    if not request.app.state.tokens.is_valid(token):
         raise HTTPException(403, "invalid or revoked token")
 
 
 def require_writer(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-    _check(request, credentials)
+    _check(request, credentials.credentials if credentials else None)
 
 
-def require_reader(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+def require_reader(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(read_bearer)) -> None:
+    """Reads (the API's GETs, /openapi.json and the docs) need a token only when `read_requires_token` is set."""
     if request.app.state.settings.read_requires_token:
-        _check(request, credentials)
+        _check(request, credentials.credentials if credentials else None)
+
+
+def require_metrics_reader(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(metrics_bearer)
+) -> None:
+    """/metrics needs a token only when `metrics_requires_token` is set (Prometheus sends one with `authorization`)."""
+    if request.app.state.settings.metrics_requires_token:
+        _check(request, credentials.credentials if credentials else None)

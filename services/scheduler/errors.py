@@ -16,11 +16,8 @@ from gradalign_common.errors import ConflictError, FieldError, InvalidInputError
 from services.scheduler.dataset_service import UploadTooLarge
 from services.scheduler.schemas import ErrorOut
 
-# OpenAPI `responses=` entries, merged per route (FastAPI documents the 422 of every route with parameters)
-AUTH_ERRORS = {
-    401: {"model": ErrorOut, "description": "missing bearer token"},
-    403: {"model": ErrorOut, "description": "invalid or revoked token"},
-}
+# OpenAPI `responses=` entries, merged per route (FastAPI documents the 422 of every route with parameters; the
+# 401/403 of the operations that need a token are documented by services.scheduler.openapi)
 EXPERIMENT_NOT_FOUND = {404: {"model": ErrorOut, "description": "no such experiment, round or problem"}}
 DATASET_NOT_FOUND = {404: {"model": ErrorOut, "description": "no such dataset"}}
 STATUS_CONFLICT = {409: {"model": ErrorOut, "description": "not allowed in the experiment's current status"}}

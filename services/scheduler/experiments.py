@@ -12,13 +12,13 @@ from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.datasets import load_problems
 from gradalign_common.errors import ConflictError, FieldError, InvalidInputError, NotFoundError
 from gradalign_common.logging_setup import get_logger
-from gradalign_common.modeling import check_model_dir
 from gradalign_common.records import read_rollouts
 from services.scheduler.budget import check_budget, check_context
 from services.scheduler.bulk import insert_pool
-from services.scheduler.datasets import resolve_dataset
+from services.scheduler.datasets import resolve_dataset, scrub_paths
 from services.scheduler.db import Candidate, Dataset, Experiment, PoolProblem, Round, TrainStep, utcnow
 from services.scheduler.events import EventBus
+from services.scheduler.model_paths import resolve_model
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.spec import ExperimentSpec, StoredSpec
 from services.scheduler.status import ACTIVE, TERMINAL, ExperimentStatus, StageStatus
@@ -34,7 +34,7 @@ class ExperimentService:
     def create(self, body: ExperimentSpec) -> Experiment:
         """Validate what needs the file system (model, datasets, pool size), then store in one transaction."""
         try:
-            model_dir = check_model_dir(body.model)
+            model_dir = resolve_model(body.model, self.settings.models_root, self.settings.artifact_root)
         except InvalidInputError as exc:
             raise FieldError("model", str(exc)) from None
         train_path, pool = self._resolve(body.train_dataset, "train_dataset")
@@ -69,8 +69,8 @@ class ExperimentService:
         try:
             path = resolve_dataset(ref, self.settings.artifact_root, self.settings.data_root, registered)
             return path, load_problems(path)
-        except InvalidInputError as exc:
-            raise FieldError(field, str(exc)) from None
+        except InvalidInputError as exc:  # a file's loader names it by its path: shown relative to the roots
+            raise FieldError(field, scrub_paths(str(exc), self.settings.data_root, self.settings.artifact_root)) from None
 
     def list(self, status: ExperimentStatus | None, offset: int, limit: int) -> tuple[list[Experiment], int]:
         with self.sessions() as s:

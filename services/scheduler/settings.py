@@ -23,6 +23,11 @@ class SchedulerSettings(BaseSettings):
     data_root: Path = Field(
         default=DEFAULT_HOME / "data", description="dataset files named by path must lie under it (or the artifact store)"
     )
+    models_root: Path = Field(
+        default=DEFAULT_HOME / "models",
+        description="model directories experiments name must lie under it (or the artifact store, which holds "
+        "checkpoints); a relative `model` is taken relative to it",
+    )
     rollout_addresses: list[str] = ["127.0.0.1:50051"]
     scoring_addresses: list[str] = ["127.0.0.1:50052"]
     trainer_address: str = "127.0.0.1:50053"
@@ -69,8 +74,16 @@ class SchedulerSettings(BaseSettings):
     )
     lease_ttl_s: float = Field(default=30.0, gt=0, description="a dead replica's experiments move to another after this")
     auth_enabled: bool = Field(default=True, description="mutating requests need a bearer token")
-    read_requires_token: bool = Field(default=False, description="reads need a bearer token too")
+    read_requires_token: bool = Field(
+        default=False, description="reads need a bearer token too (the API's GETs, /openapi.json, /docs and the event stream)"
+    )
+    metrics_requires_token: bool = Field(default=False, description="/metrics needs a bearer token")
     bootstrap_token: str | None = Field(default=None, description="a token made valid at start (name 'bootstrap')")
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="proxies trusted to name the client in X-Forwarded-For (comma-separated addresses or networks, "
+        "'*' for any): behind an Ingress, the controller's, so that per-client limits count clients, not the proxy",
+    )
     docs_enabled: bool = Field(
         default=False, description="serve Swagger UI at /docs and ReDoc at /redoc (their assets come from a CDN)"
     )

@@ -7,15 +7,27 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 
 from services.scheduler.deps import READ_ACCESS, WRITE_ACCESS, DatasetsDep
-from services.scheduler.errors import AUTH_ERRORS, DATASET_NOT_FOUND, NAME_CONFLICT, UPLOAD_TOO_LARGE
+from services.scheduler.errors import DATASET_NOT_FOUND, NAME_CONFLICT, UPLOAD_TOO_LARGE
 from services.scheduler.schemas import DATASET_NAME_PATTERN, DatasetMix, DatasetOut, DatasetRegister
 
-router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=AUTH_ERRORS)
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+
+
+UPLOAD_BODY = {  # the route reads the raw body itself, so FastAPI cannot see it: described here
+    "requestBody": {
+        "required": True,
+        "description": "the dataset file as it is: JSON lines (format=jsonl) or a parquet file (format=parquet)",
+        "content": {
+            "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 @router.post(
     "/upload", status_code=201, response_model=DatasetOut, dependencies=WRITE_ACCESS,
-    responses={**NAME_CONFLICT, **UPLOAD_TOO_LARGE},
+    responses={**NAME_CONFLICT, **UPLOAD_TOO_LARGE}, openapi_extra=UPLOAD_BODY,
 )
 async def upload_dataset(
     request: Request,

@@ -20,7 +20,6 @@ from starlette.types import Receive, Scope, Send
 
 from gradalign_common.logging_setup import get_logger
 from services.scheduler.deps import READ_ACCESS, EventBusDep, ShutdownDep
-from services.scheduler.errors import AUTH_ERRORS
 from services.scheduler.events import AsyncSubscription
 from services.scheduler.schemas import ErrorOut
 
@@ -29,7 +28,7 @@ log = get_logger("gradalign.events")
 KEEP_ALIVE_S = 1.0  # an idle stream sends a comment this often (and notices shutdown)
 RETRY_AFTER_S = 5  # the Retry-After of a 429 or 503: streams are long-lived, places free slowly
 
-router = APIRouter(prefix="/api/v1/events", tags=["events"], dependencies=READ_ACCESS, responses=AUTH_ERRORS)
+router = APIRouter(prefix="/api/v1/events", tags=["events"], dependencies=READ_ACCESS)
 
 
 class StreamSlots:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from services.scheduler.deps import READ_ACCESS, WRITE_ACCESS, ExperimentsDep
-from services.scheduler.errors import AUTH_ERRORS, EXPERIMENT_NOT_FOUND, STATUS_CONFLICT
+from services.scheduler.errors import EXPERIMENT_NOT_FOUND, STATUS_CONFLICT
 from services.scheduler.routes.params import MAX_INT32, ExperimentId
 from services.scheduler.schemas import ExperimentList, ExperimentOut, ExperimentSpec
 from services.scheduler.status import ExperimentStatus
 
-router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"], responses=AUTH_ERRORS)
+router = APIRouter(prefix="/api/v1/experiments", tags=["experiments"])
 
 
 @router.post("", status_code=201, response_model=ExperimentOut, dependencies=WRITE_ACCESS)

@@ -1,11 +1,12 @@
-"""Probes and metrics, open without a token: liveness, readiness, Prometheus."""
+"""Probes and metrics: liveness and readiness, open without a token; Prometheus, open unless `metrics_requires_token`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.scheduler.auth import require_metrics_reader
 from services.scheduler.deps import SessionsDep, WorkerDiscoveryDep
 from services.scheduler.readiness import readiness_checks
 from services.scheduler.schemas import ReadinessOut
@@ -31,6 +32,6 @@ def readiness(sessions: SessionsDep, discovery: WorkerDiscoveryDep) -> JSONRespo
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_metrics_reader)])
 def metrics() -> PlainTextResponse:
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from services.scheduler.deps import READ_ACCESS, ExperimentsDep
-from services.scheduler.errors import AUTH_ERRORS, EXPERIMENT_NOT_FOUND
+from services.scheduler.errors import EXPERIMENT_NOT_FOUND
 from services.scheduler.exports import ExportFormat, candidates_file
 from services.scheduler.routes.params import MAX_INT32, ExperimentId, RoundIndex
 from services.scheduler.schemas import CandidateList, CandidateOut, ProblemDetail, RoundOut, TrainStepOut
 
 router = APIRouter(
     prefix="/api/v1/experiments/{experiment_id}", tags=["results"], dependencies=READ_ACCESS,
-    responses={**AUTH_ERRORS, **EXPERIMENT_NOT_FOUND},
+    responses=EXPERIMENT_NOT_FOUND,
 )
 
 
