@@ -6,7 +6,8 @@ before touching the model, then a training backend (settings.backend, services.t
 runs GRPO, streaming one StepMetrics per optimizer step, writes the checkpoint, and the service
 sends one TrainResult. `torch` runs services.trainer.grpo in this process
 (services.trainer.backends.torch); `verl` runs verl's GRPO trainer and model merger as
-subprocesses (services.trainer.backends.verl).
+subprocesses, or verl's trainer as a job on a Ray cluster (settings.verl_launcher=ray),
+then the merger here (services.trainer.backends.verl).
 
 Atomicity and retries: the new checkpoint is built in a temporary directory beside
 `output_checkpoint` (the model + a `gradalign-train.json` marker holding the request id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from gradalign_common.settings import WorkerSettings
@@ -14,9 +14,15 @@ from gradalign_common.settings import WorkerSettings
 class TrainerSettings(WorkerSettings):
     """The trainer worker's settings: the common worker settings, port 50053, where checkpoints go.
 
-    backend: `torch` trains in this process (CPU or one GPU); `verl` launches verl's GRPO
-    trainer as a subprocess for GPU clusters (services/trainer/backends/verl), with the
-    `verl_*` knobs below (services.trainer.backends chooses between them).
+    backend: `torch` trains in this process (CPU or one GPU); `verl` runs verl's GRPO trainer
+    for GPU clusters (services/trainer/backends/verl), with the `verl_*` knobs below
+    (services.trainer.backends chooses between them).
+    verl_launcher: where verl's trainer runs (services.trainer.backends.verl.launcher): `local`,
+    a subprocess of this service (one node); `ray`, a job on the Ray cluster at `ray_address`
+    (Ray's Job Submission API, several nodes), with the `ray_*` knobs below. Either way the
+    model merger runs here, and with `ray` the scratch directory (verl_work_dir, else beside the
+    output) and the checkpoints must be on the artifact store that the Ray pods mount at the
+    same path.
     policy_loss: the GRPO policy loss, a name registered in services.trainer.losses (verl's
     `loss_mode` of the same name with the verl backend); an unknown name fails at start-up.
     """
@@ -59,6 +65,28 @@ class TrainerSettings(WorkerSettings):
         default=None, description="scratch for verl's dataset and FSDP checkpoints; None = beside the output"
     )
     verl_timeout_s: float | None = Field(default=None, gt=0, description="limit of one verl run; None = none")
+    verl_launcher: Literal["local", "ray"] = Field(
+        default="local", description="local = a subprocess here; ray = a job on the Ray cluster at ray_address"
+    )
+
+    # verl on a Ray cluster (verl_launcher=ray; services/trainer/backends/verl/ray_launcher.py)
+    ray_address: str | None = Field(
+        default=None, description="the Ray head's job-submission (dashboard) address, e.g. http://raycluster-head-svc:8265"
+    )
+    ray_entrypoint_python: str = Field(
+        default="python3", description="the interpreter, on the Ray cluster, that has verl installed"
+    )
+    ray_working_dir: str | None = Field(
+        default=None,
+        description="the job's runtime_env working_dir (a local directory Ray uploads, or a remote URI); "
+        "None = our package is installed in the Ray image at the same path",
+    )
+    ray_env_vars: dict[str, str] = Field(
+        default_factory=dict, description="environment variables of the Ray job, added to verl's own"
+    )
+    ray_stop_timeout_s: float = Field(
+        default=20.0, gt=0, description="how long a cancel waits for the Ray job to reach STOPPED"
+    )
 
     @field_validator("policy_loss")
     @classmethod
@@ -67,6 +95,27 @@ class TrainerSettings(WorkerSettings):
 
         get_policy_loss(name)  # InvalidInputError (a ValueError) naming the known losses
         return name
+
+    @model_validator(mode="after")
+    def _ray_launcher_is_complete(self) -> "TrainerSettings":
+        if self.verl_launcher != "ray":
+            return self
+        if self.backend != "verl":
+            raise ValueError(
+                "GRADALIGN_TRAINER_VERL_LAUNCHER=ray needs GRADALIGN_TRAINER_BACKEND=verl "
+                f"(the backend is {self.backend!r}, which launches nothing)"
+            )
+        if not self.ray_address:
+            raise ValueError(
+                "GRADALIGN_TRAINER_VERL_LAUNCHER=ray needs GRADALIGN_TRAINER_RAY_ADDRESS, the Ray head's "
+                "job-submission address (e.g. http://raycluster-head-svc:8265)"
+            )
+        if not self.ray_address.startswith(("http://", "https://")):
+            raise ValueError(
+                f"GRADALIGN_TRAINER_RAY_ADDRESS must be the head's http(s) job-submission address "
+                f"(e.g. http://raycluster-head-svc:8265), got {self.ray_address!r}"
+            )
+        return self
 
     def resolved_checkpoint_root(self) -> Path:
         return self.checkpoint_root if self.checkpoint_root is not None else self.artifact_root
