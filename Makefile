@@ -10,12 +10,13 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
 .PHONY: run test test-quick vllm-env gpu-lock protos clean
 
-$(STAMP): pyproject.toml requirements/verl-config.txt
+$(STAMP): pyproject.toml requirements/verl-config.txt requirements/cpu-numerics.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# the libraries that change the tiny model's numbers, pinned (the quality benchmark's figures)
+	$(PY) -m pip install -q -c requirements/cpu-numerics.txt -e '.[dev]'
 	# verl's config tree, config dataclasses and core GRPO functions, without its GPU stack
 	$(PY) -m pip install -q --no-deps -r requirements/verl-config.txt
 	touch $(STAMP)
