@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gradalign_tools.bench.standin_workers import CallLog, StandInRollout, StandInScoring, StandInTrainer
@@ -109,3 +110,28 @@ def test_stage_results_are_stored_and_read_back_typed(tmp_path, tiny_model_dir, 
     assert results.get("train", TrainResult).checkpoint == recorded.requests["trainer"][0].output_checkpoint
     with pytest.raises(RuntimeError, match="no TrainResult"):
         RoundResults.from_rows({}).get("train", TrainResult)
+
+
+def test_a_failed_stage_shows_no_server_path(tmp_path, tiny_model_dir, recorded, monkeypatch):
+    """A worker's error naming artifact-store and models-root files is stored (and shown by the API) with
+    those paths relative to their roots."""
+    from services.scheduler.workers import WorkerRejected
+
+    artifacts = tmp_path / "artifacts"
+
+    def failing_train(address, deadline_s, request, on_step=None, scope=None):
+        raise WorkerRejected("trainer", address, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"cannot read {artifacts}/experiments/x/select.parquet beside {tiny_model_dir}/config.json")
+
+    monkeypatch.setattr(stages.workers, "train", failing_train)
+    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", run_orchestrator=False,
+                                   retry_limit=0, models_root=tiny_model_dir.parent))
+    service, orch = app.state.experiments, app.state.orchestrator
+    exp = service.create(ExperimentSpec(**experiment_body(tiny_model_dir, num_selections=1)))
+    orch._uids[exp.id] = exp.uid
+    for _ in range(len(STAGES) + 1):
+        orch.step(exp.id)
+    failed = service.get(exp.id)
+    assert failed.status == "failed", failed.status
+    assert "artifacts/experiments/x/select.parquet" in failed.error and "models/tiny-arith/config.json" in failed.error
+    assert str(tmp_path) not in failed.error and str(tiny_model_dir) not in failed.error

@@ -51,6 +51,7 @@ from services.scheduler.events import EventBus
 from services.scheduler.experiments import remove_experiment_artifacts
 from services.scheduler.leases import make_lease
 from services.scheduler.progress import ProgressFn, StageProgress
+from services.scheduler.public_errors import public_message
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.spec import StoredSpec
 from services.scheduler.stages import STAGES, RoundResults, StageRuntime, result_to_json
@@ -413,7 +414,7 @@ class Orchestrator:
             exp = s.get(Experiment, rt.experiment_id)
             if st is None or exp is None:
                 return
-            st.status, st.error = StageStatus.PENDING, str(exc)
+            st.status, st.error = StageStatus.PENDING, public_message(str(exc), self.settings)
             if not count_attempt and st.attempts == attempt:
                 st.attempts = attempt - 1
             if exp.status in ACTIVE:
@@ -424,6 +425,7 @@ class Orchestrator:
         self.publish(rt.experiment_id, "stage_retry", stage=stage_name, detail=detail)
 
     def _fail(self, rt: StageRuntime, stage_name: str, message: str) -> None:
+        message = public_message(message, self.settings)  # stored and shown by the API: no server paths
         with self.sessions() as s:
             st = s.get(Stage, rt.stage_id)
             exp = s.get(Experiment, rt.experiment_id)
