@@ -31,3 +31,12 @@ class WorkerSettings(BaseSettings):
         "for this service (GRADALIGN_SCHEDULER_ROLLOUT_SLOTS / _SCORING_SLOTS / _TRAINER_SLOTS), or the scheduler's "
         "extra requests are refused and retried",
     )
+    shutdown_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="drain time on SIGTERM/SIGINT (gradalign_common.grpc_utils): new requests are refused at once "
+        "with UNAVAILABLE and health turns NOT_SERVING, the requests in flight get up to this many seconds to finish; "
+        "what is still running then is handed back (cancelled, nothing written, UNAVAILABLE: the scheduler retries "
+        "it on another replica). 0 hands back at once. A second signal cuts the drain short. In Kubernetes the "
+        "pod's terminationGracePeriodSeconds must be longer (the chart derives it from <worker>.shutdownGraceSeconds)",
+    )

@@ -317,7 +317,9 @@ def serve(settings: RolloutSettings) -> None:
     mark_serving(health, [SERVICE_NAME])
     log.info("serving", address=f"{settings.host}:{port}", backend=settings.backend)
     try:
-        run_until_signalled(server, health, settings.metrics_host, settings.metrics_port)
+        run_until_signalled(
+            server, health, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s
+        )
     finally:
         servicer.close()
 

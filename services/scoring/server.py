@@ -261,7 +261,9 @@ def serve(settings: ScoringSettings) -> None:
     logger = configure_logging("scoring", settings.log_level)
     server, health_servicer, port = start_server(settings)
     logger.info("serving", service=SERVICE_NAME, host=settings.host, port=port)
-    run_until_signalled(server, health_servicer, settings.metrics_host, settings.metrics_port)
+    run_until_signalled(
+        server, health_servicer, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s
+    )
 
 
 def main() -> None:

@@ -259,7 +259,7 @@ def serve(settings: TrainerSettings) -> None:
     server.start()
     mark_serving(health, [SERVICE_NAME])
     log.info("serving", address=f"{settings.host}:{port}", backend=settings.backend)
-    run_until_signalled(server, health, settings.metrics_host, settings.metrics_port)
+    run_until_signalled(server, health, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s)
 
 
 def main() -> None:

@@ -131,17 +131,11 @@ class TrainerSettings(WorkerSettings):
         return p if p.is_absolute() else self.artifact_root / p
 
     def verl_options(self):
-        """The verl_* settings as services.trainer.backends.verl.options.VerlOptions."""
+        """The verl_* settings as services.trainer.backends.verl.options.VerlOptions: each option is the
+        setting of the same name with the `verl_` prefix."""
+        from dataclasses import fields
+
         from services.trainer.backends.verl.options import VerlOptions
 
-        return VerlOptions(
-            python=self.verl_python,
-            n_gpus_per_node=self.verl_n_gpus_per_node,
-            nnodes=self.verl_nnodes,
-            tensor_parallel_size=self.verl_tensor_parallel_size,
-            gpu_memory_utilization=self.verl_gpu_memory_utilization,
-            micro_batch_size_per_gpu=self.verl_micro_batch_size_per_gpu,
-            max_prompt_length=self.verl_max_prompt_length,
-            attn_implementation=self.verl_attn_implementation,
-            extra_overrides=tuple(self.verl_extra_overrides),
-        )
+        values = {f.name: getattr(self, f"verl_{f.name}") for f in fields(VerlOptions)}
+        return VerlOptions(**{**values, "extra_overrides": tuple(values["extra_overrides"])})
