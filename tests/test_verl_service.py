@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -35,91 +34,14 @@ from trainer_fixtures import constant_answer_problems
 # --- the stand-in verl -------------------------------------------------------------------------------
 
 
-FAKE_MAIN_PPO = '''
-import importlib.util, json, os, sys
-from pathlib import Path
-import pyarrow.parquet as pq
-
-def value(v):
-    return v[1:-1].replace("\\\\'", "'") if v.startswith("'") else v
-
-args = {k.lstrip("+"): value(v) for k, v in (a.split("=", 1) for a in sys.argv[1:])}
-print("[validate_config] All configuration checks passed successfully!", flush=True)
-if os.environ.get("FAKE_VERL_FAIL"):
-    print("Error executing job with overrides: ...", flush=True)
-    sys.exit(1)
-# verl 0.9.1's main_ppo loads the reward function from reward.custom_reward_function (verl/trainer/ppo/reward.py)
-spec = importlib.util.spec_from_file_location("custom_module", args["reward.custom_reward_function.path"])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-score = getattr(module, args["reward.custom_reward_function.name"])
-rows = pq.read_table(args["data.train_files"]).to_pylist()
-rewards = [score(data_source=r["data_source"], solution_str="7", ground_truth=r["reward_model"]["ground_truth"],
-                 extra_info={**r["extra_info"], "num_turns": None, "rollout_reward_scores": {}}) for r in rows]
-steps = int(args["trainer.total_training_steps"])
-for step in range(1, steps + 1):
-    print(f"Training Progress: {step}/{steps}", flush=True)
-    print(f"(TaskRunnerV1 pid=42) step:{step} - actor/pg_loss:np.float64({0.1 * step}) - actor/kl_loss:0.0 - "
-          f"actor/grad_norm:np.float32(1.5) - actor/entropy:2.0 - actor/pg_clipfrac:0.0 - "
-          f"critic/score/mean:{sum(rewards) / len(rewards)} - response_length/mean:3.0 - timing_s/step:0.5", flush=True)
-    if os.environ.get("FAKE_VERL_HANG"):
-        Path(f"fake-verl-{step}.pid").write_text(str(os.getpid()))  # in the job's work dir (our cwd)
-        import time
-        time.sleep(120)
-# verl 0.9.1's layout (trainer/ppo/v1/trainer_base.py _save_checkpoint, utils/checkpoint/fsdp_checkpoint_manager.py):
-# <default_local_dir>/global_step_<N>/actor/{model_world_size_<W>_rank_<r>.pt, fsdp_config.json, huggingface/}, data.pt
-world_size = int(args["trainer.n_gpus_per_node"]) * int(args["trainer.nnodes"])
-step_dir = Path(args["trainer.default_local_dir"]) / f"global_step_{steps}"
-actor = step_dir / "actor"
-(actor / "huggingface").mkdir(parents=True)
-for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-    src = Path(args["actor_rollout_ref.model.path"]) / name
-    if src.exists():
-        (actor / "huggingface" / name).write_bytes(src.read_bytes())
-(actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 1, "world_size": world_size}))
-for rank in range(world_size):  # stand-ins for the sharded state dicts: the arguments, as JSON
-    (actor / f"model_world_size_{world_size}_rank_{rank}.pt").write_text(json.dumps(args))
-(step_dir / "data.pt").write_bytes(b"")
-'''
-
-
-# verl 0.9.1's merger argparse (verl/model_merger/base_model_merger.py parse_args), trimmed
-FAKE_MERGER = '''
-import argparse, json, shutil
-from pathlib import Path
-parser = argparse.ArgumentParser()
-sub = parser.add_subparsers(dest="operation", required=True)
-base = argparse.ArgumentParser(add_help=False)
-base.add_argument("--backend", type=str, required=True, choices=["fsdp", "megatron"])
-base.add_argument("--local_dir", type=str, default=None)
-merge = sub.add_parser("merge", parents=[base])
-merge.add_argument("--target_dir", default="tmp", type=str)
-a = parser.parse_args()
-assert a.operation == "merge" and a.backend == "fsdp"
-local = Path(a.local_dir)
-world_size = json.loads((local / "fsdp_config.json").read_text())["world_size"]
-assert (local / "huggingface" / "config.json").is_file()
-args = json.loads((local / f"model_world_size_{world_size}_rank_0.pt").read_text())
-shutil.copytree(args["actor_rollout_ref.model.path"], a.target_dir, dirs_exist_ok=True)
-(Path(a.target_dir) / "verl-args.json").write_text(json.dumps(args))
-'''
+STAND_IN_VERL = Path(__file__).resolve().parent / "stand_in_verl"  # verl.trainer.main_ppo and verl.model_merger
 
 
 @pytest.fixture
-def fake_verl(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "fake-verl"
-    files = {
-        "verl/__init__.py": "",
-        "verl/trainer/__init__.py": "",
-        "verl/trainer/main_ppo.py": FAKE_MAIN_PPO,
-        "verl/model_merger/__init__.py": "",
-        "verl/model_merger/__main__.py": FAKE_MERGER,
-    }
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(textwrap.dedent(text))
-    monkeypatch.setenv("PYTHONPATH", str(root))
-    return root
+def fake_verl(monkeypatch) -> Path:
+    """`python -m verl...` runs the stand-ins (tests/stand_in_verl/README.md) in the processes the backend starts."""
+    monkeypatch.setenv("PYTHONPATH", str(STAND_IN_VERL))
+    return STAND_IN_VERL
 
 
 # --- the service -------------------------------------------------------------------------------------
@@ -169,7 +91,7 @@ def test_the_service_runs_verl_then_the_merger(verl_stub, random_tiny_checkpoint
     assert steps[0].loss == pytest.approx(0.1 - 0.0 * 2.0) and steps[0].tokens_per_second == pytest.approx(3.0 * 8 / 0.5)
     assert result.checkpoint == str(output) and result.steps == 3 and result.optimizer_state_path == ""
     load_model(output)  # the merged directory is a loadable HF checkpoint
-    args = json.loads((output / "verl-args.json").read_text())
+    args = json.loads((output / "stand-in-run.json").read_text())["args"]
     assert args["actor_rollout_ref.model.path"] == str(random_tiny_checkpoint)
     assert args["data.train_batch_size"] == "2" and args["trainer.total_epochs"] == "2"  # 3 steps of 2 out of 5
     assert args["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"] == "4"
@@ -183,7 +105,7 @@ def test_the_service_runs_verl_then_the_merger(verl_stub, random_tiny_checkpoint
 
 
 def test_a_failed_verl_run_leaves_nothing(verl_stub, random_tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_VERL_FAIL", "1")
+    monkeypatch.setenv("STAND_IN_VERL_FAIL", "1")
     problems_path = write_problems(tmp_path / "artifacts" / "selection.parquet", constant_answer_problems(5))
     output = tmp_path / "artifacts" / "checkpoints" / "round-00001"
     with pytest.raises(grpc.RpcError) as info:
@@ -214,7 +136,8 @@ def test_the_verl_backend_refuses_what_it_cannot_do(verl_stub, random_tiny_check
 
 
 def test_a_cancelled_or_timed_out_run_ends_the_verl_process_group(fake_verl, tmp_path, monkeypatch, random_tiny_checkpoint):
-    monkeypatch.setenv("FAKE_VERL_HANG", "1")
+    monkeypatch.setenv("STAND_IN_VERL_GATE", str(tmp_path / "never"))  # stays at step 1
+    monkeypatch.setenv("STAND_IN_VERL_PID_FILE", str(tmp_path / "verl.pid"))
     config = GRPOConfig(steps=3, batch_size=2, n_samples=2, learning_rate=1e-6, max_tokens=4)
     job = prepare_job(
         constant_answer_problems(4),
@@ -230,7 +153,7 @@ def test_a_cancelled_or_timed_out_run_ends_the_verl_process_group(fake_verl, tmp
         for m in iter_verl(job, config, should_stop=lambda: len(seen) >= 1):
             seen.append(m)
     assert [m.step for m in seen] == [1] and time.monotonic() - started < 30
-    pid = int((job.work_dir / "fake-verl-1.pid").read_text())
+    pid = int((tmp_path / "verl.pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # ended and reaped
     with pytest.raises(VerlRunError, match="timed out"):

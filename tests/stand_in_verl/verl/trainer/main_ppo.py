@@ -43,7 +43,8 @@ spec.loader.exec_module(module)
 score = getattr(module, args["reward.custom_reward_function.name"])
 rows = pq.read_table(args["data.train_files"]).to_pylist()
 rewards = [
-    score(data_source=r["data_source"], solution_str="7", ground_truth=r["reward_model"]["ground_truth"], extra_info=r["extra_info"])
+    score(data_source=r["data_source"], solution_str="7", ground_truth=r["reward_model"]["ground_truth"],
+          extra_info={**r["extra_info"], "num_turns": None, "rollout_reward_scores": {}})  # as verl 0.9.1 calls it
     for r in rows
 ]
 steps = int(args["trainer.total_training_steps"])
