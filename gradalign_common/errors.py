@@ -11,12 +11,14 @@ class NotFoundError(InvalidInputError):
 
 
 class FieldError(InvalidInputError):
-    """Bad value of one named field of a request (HTTP 422 with that field)."""
+    """Bad value of one named field of a request (HTTP 422 with that field); `location` is where the field is
+    (the request's "body" or its "query" string)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, location: str = "body"):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.location = location
 
 
 class ConflictError(InvalidInputError):

@@ -16,7 +16,7 @@ from gradalign_tools.bench.scheduler import scheduler_command
 from services.scheduler.admin_cli import db_app, token_app
 from gradalign_tools.bench.rollout import rollout_command
 from gradalign_tools.bench.scoring import scoring_command
-from gradalign_tools.bench.quality import quality_command
+from gradalign_tools.bench.quality import quality_command, quality_flags_command
 from gradalign_tools.data_cli import data_app
 from services.scoring.cli import score_command
 from gradalign_tools.stack import SERVICES, LocalStack, StackConfig
@@ -35,6 +35,7 @@ bench_app.command("scheduler")(scheduler_command)
 bench_app.command("orchestrator")(orchestrator_command)
 bench_app.command("scoring")(scoring_command)
 bench_app.command("quality")(quality_command)
+bench_app.command("quality-flags")(quality_flags_command)
 bench_app.command("cancel")(cancel_command)
 app.command("score", help="Score candidate problems against a validation set (shared/spec/gradalign-score.md).")(score_command)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,18 @@ def test_the_smoke_benchmark_writes_runs_tables_and_plots(smoke_results):
 
     for name in ("accuracy.png", "selected_fraction.png"):
         _assert_png(results / name)
+
+    # suspect-reward flags: each round records its candidates; flags.csv and the summary measure the flags
+    run = json.loads((results / "runs" / "sim-seed0.json").read_text())
+    assert all(len(r["candidates"]["problem_id"]) == config["loop"]["chunk_size"] for r in run["rounds"])
+    with (results / "flags.csv").open() as fh:
+        flags = list(csv.DictReader(fh))
+    assert {r["rule"] for r in flags if r["mode"] == "sim"} == {"cosine@0", "robust_z@0", "pass_rate@0", "pass_rate@0.25"}
+    assert {r["rule"] for r in flags if r["mode"] == "rand"} == {"pass_rate@0", "pass_rate@0.25"}  # no cosine in rand
+    assert {int(r["round"]) for r in flags} == {1, 2}
+    for r in flags:
+        assert int(r["true_flags"]) <= int(r["flagged"]) <= int(r["candidates"]) and int(r["cum_true_flags"]) <= int(r["cum_noisy"])
+    assert "Suspect-reward flags against the known noisy problems" in md and "| sim | cosine@0 |" in md
 
 
 def _run(accuracy: list[float]) -> dict:
@@ -200,3 +213,70 @@ def test_the_regime_configs_load_with_every_mode_and_three_seeds():
     assert imbalance["data"]["track"]["types"] == ["sub"] and low_utility["data"]["track"]["label"] == "useless"
     # noisy rewards and low utility share one cached warm-started model per seed
     assert noisy["warm_start"] == low_utility["warm_start"]
+
+
+def _flag_round(index: int, pids, scores, accuracy, zero, noisy, fallback=None) -> dict:
+    cols = {"problem_id": pids, "score": scores, "accuracy": accuracy, "zero_advantage": zero, "noisy": noisy,
+            "data_source": ["arith_inverted" if n else "arith" for n in noisy]}
+    return {"round": index, "fallback": fallback, "candidates": cols}
+
+
+FLAG_RUN = {
+    "mode": "sim", "seed": 0,
+    "rounds": [
+        _flag_round(1, ["a", "b", "c", "d"], [-0.3, 0.2, -0.1, 0.0], [0.25, 0.5, 0.0, 1.0], [False, False, False, True], [True, False, False, True]),
+        _flag_round(2, ["x"], [-0.9], [0.5], [False], [True], fallback="the validation gradient is zero"),  # random scores: left out
+        _flag_round(3, ["a", "e", "f"], [-0.2, -0.4, 0.3], [0.25, 0.5, 0.5], [False, False, False], [True, True, False]),
+    ],
+}
+
+
+def test_flag_precision_and_recall_per_round_and_cumulative():
+    from gradalign_tools.bench.quality.flags import run_flag_figures
+
+    first, third = run_flag_figures(FLAG_RUN, "cosine", 0.0, min_rounds=2)
+    # round 1: flags a (-0.3) and c (-0.1); d has zero advantage; noisy a, d
+    assert (first["round"], first["flagged"], first["true_flags"], first["noisy"]) == (1, 2, 1, 2)
+    assert (first["precision"], first["recall"], first["cum_precision"], first["cum_recall"]) == (0.5, 0.5, 0.5, 0.5)
+    # round 3: flags a and e, both noisy; cumulative: {a, c, e} flagged against {a, d, e} noisy; a flagged twice
+    assert (third["round"], third["precision"], third["recall"]) == (3, 1.0, 1.0)
+    assert (third["cum_flagged"], third["cum_true_flags"], third["cum_noisy"]) == (3, 2, 3)
+    assert third["cum_precision"] == pytest.approx(2 / 3) and third["cum_recall"] == pytest.approx(2 / 3)
+    assert (third["cum_suspects"], third["cum_true_suspects"]) == (1, 1)
+    # the pass-rate heuristic: c (accuracy 0) in round 1, nothing in round 3
+    first, third = run_flag_figures(FLAG_RUN, "pass_rate", 0.0)
+    assert (first["flagged"], first["precision"], first["recall"]) == (1, 0.0, 0.0)
+    assert third["flagged"] == 0 and math.isnan(third["precision"]) and third["recall"] == 0.0 and third["cum_precision"] == 0.0
+
+
+def test_flag_figures_need_recorded_candidates_and_a_validation_gradient():
+    from gradalign_tools.bench.quality.flags import flag_rows, flag_table, run_flag_figures
+
+    assert run_flag_figures({**FLAG_RUN, "mode": "rand"}, "cosine", 0.0) is None  # no cosine in rand
+    assert run_flag_figures({**FLAG_RUN, "mode": "rand"}, "pass_rate", 0.0) is not None
+    old = {**FLAG_RUN, "rounds": [{k: v for k, v in r.items() if k != "candidates"} for r in FLAG_RUN["rounds"]]}
+    assert run_flag_figures(old, "cosine", 0.0) is None  # a run written before candidates were recorded
+    rows = flag_rows({("sim", 0): FLAG_RUN, ("sim", 1): old}, ["sim"], [0, 1], [("cosine", None), ("pass_rate", 0.25)])
+    assert [(r["seed"], r["rule"], r["round"]) for r in rows] == [(0, "cosine@0", 1), (0, "cosine@0", 3), (0, "pass_rate@0.25", 1), (0, "pass_rate@0.25", 3)]
+    table = flag_table(rows)
+    assert "| sim | cosine@0 | 1 | 67 | 67 | 75 | 75 | 3.0 of 3 noisy | 100 | 33 | 1.0 |" in table
+    clean = [{**r, "cum_noisy": 0} for r in rows]
+    assert flag_table(clean) == []  # no noisy problems to find: no section
+
+
+def test_flags_offline_command(smoke_results, tmp_path):
+    import shutil
+
+    results, _ = smoke_results
+    copy = tmp_path / "copy"
+    shutil.copytree(results / "runs", copy / "runs")
+    out = CliRunner().invoke(app, ["bench", "quality-flags", "--results", str(copy), "--rules", "cosine@-0.1,pass_rate"])
+    assert out.exit_code == 0, out.output
+    assert "| sim | cosine@-0.1 |" in out.output and "| rand | pass_rate@0 |" in out.output
+    with (copy / "flags.csv").open() as fh:
+        assert {r["rule"] for r in csv.DictReader(fh)} == {"cosine@-0.1", "pass_rate@0"}
+    bad = CliRunner().invoke(app, ["bench", "quality-flags", "--results", str(copy), "--rules", "cosine@7"])
+    assert bad.exit_code == 2 and "threshold of rule 'cosine'" in bad.output
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    assert CliRunner().invoke(app, ["bench", "quality-flags", "--results", str(empty)]).exit_code == 1

@@ -20,6 +20,7 @@ from services.scheduler.openapi import install_openapi
 from services.scheduler.orchestrator import Orchestrator
 from services.scheduler.routes import api_router
 from services.scheduler.settings import SchedulerSettings
+from services.scheduler.suspect_service import SuspectService
 
 log = get_logger("gradalign.scheduler")
 
@@ -57,6 +58,7 @@ def create_app(settings: SchedulerSettings | None = None) -> FastAPI:
     app.state.orchestrator = orchestrator
     app.state.shutdown = shutdown
     app.state.experiments = ExperimentService(settings, sessions, bus)
+    app.state.suspects = SuspectService(settings, sessions, app.state.experiments)
     app.state.tokens = TokenStore(sessions)
     app.state.datasets = DatasetService(settings, sessions)
     if settings.bootstrap_token and not app.state.tokens.ensure("bootstrap", settings.bootstrap_token):

@@ -18,6 +18,7 @@ from services.scheduler.dataset_service import DatasetService
 from services.scheduler.discovery import WorkerDiscovery
 from services.scheduler.events import EventBus
 from services.scheduler.experiments import ExperimentService
+from services.scheduler.suspect_service import SuspectService
 
 # route-level `dependencies=`: reads are open unless read_requires_token; writes always need a token
 READ_ACCESS = [Depends(require_reader)]
@@ -26,6 +27,10 @@ WRITE_ACCESS = [Depends(require_writer)]
 
 def get_experiments(request: Request) -> ExperimentService:
     return request.app.state.experiments
+
+
+def get_suspects(request: Request) -> SuspectService:
+    return request.app.state.suspects
 
 
 def get_datasets(request: Request) -> DatasetService:
@@ -50,6 +55,7 @@ def get_worker_discovery(request: Request) -> WorkerDiscovery:
 
 
 ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
+SuspectsDep = Annotated[SuspectService, Depends(get_suspects)]
 DatasetsDep = Annotated[DatasetService, Depends(get_datasets)]
 EventBusDep = Annotated[EventBus, Depends(get_event_bus)]
 ShutdownDep = Annotated[threading.Event, Depends(get_shutdown)]

@@ -26,7 +26,7 @@ UPLOAD_TOO_LARGE = {413: {"model": ErrorOut, "description": "larger than max_upl
 
 
 async def _unprocessable(_request: Request, exc: InvalidInputError) -> JSONResponse:
-    loc, message = (["body", exc.field], exc.message) if isinstance(exc, FieldError) else ([], str(exc))
+    loc, message = ([exc.location, exc.field], exc.message) if isinstance(exc, FieldError) else ([], str(exc))
     return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=422)
 
 

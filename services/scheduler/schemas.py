@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -173,3 +173,49 @@ class DatasetOut(BaseModel):
     data_sources: dict[str, int]
     origin: dict[str, Any]
     created_at: UtcDatetime
+
+
+class SuspectEvidenceOut(BaseModel):
+    round: int
+    flagged: bool = Field(description="whether the rule flagged the problem in this round")
+    score: float | None = Field(description="the candidate's stored score in the experiment's mode")
+    alignment: float | None = Field(
+        description="cos(g_i, g_V) read back from the score (in mode dot: <g_i, g_V>, the same sign); "
+        "null for a zero-advantage candidate"
+    )
+    z: float | None = Field(description="robust z-score of the alignment within the round (rule robust_z)")
+    accuracy: float
+    zero_advantage: bool
+    problem_path: str = Field(description="the API path of the problem's prompt, responses and rewards in this round")
+
+
+class SuspectOut(BaseModel):
+    problem_id: str
+    status: Literal["suspect", "watch"]
+    rounds_flagged: list[int]
+    rounds_seen: int = Field(description="scored rounds in which the problem was a candidate")
+    worst_alignment: float | None = Field(description="the lowest alignment over the rounds it was flagged in")
+    mean_accuracy: float
+    evidence: list[SuspectEvidenceOut] = Field(description="every scored round in which it was a candidate, by round")
+
+
+class SuspectCounts(BaseModel):
+    suspect: int
+    watch: int
+
+
+class SuspectList(BaseModel):
+    experiment_id: int
+    mode: str
+    available: bool = Field(description="false when the experiment's mode gives no flags (see reason)")
+    reason: str | None
+    rule: str
+    threshold: float
+    min_rounds: int = Field(description="flagged in this many rounds makes a problem a suspect; fewer, watch")
+    rounds_used: list[int] = Field(description="the rounds whose scores were read")
+    rounds_skipped: list[int] = Field(description="scored rounds left out: they fell back to random scores")
+    counts: SuspectCounts = Field(description="problems per status, before the status filter")
+    items: list[SuspectOut]
+    total: int
+    offset: int
+    limit: int

@@ -6,10 +6,12 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gradalign_common.errors import InvalidInputError
 from gradalign_common.settings import DEFAULT_HOME
+from gradalign_common.suspects import get_rule, rule_names
 
 
 class SchedulerSettings(BaseSettings):
@@ -88,6 +90,34 @@ class SchedulerSettings(BaseSettings):
         default=False, description="serve Swagger UI at /docs and ReDoc at /redoc (their assets come from a CDN)"
     )
     log_level: str = "INFO"
+    suspect_rule: str = Field(
+        default="robust_z", json_schema_extra={"enum": rule_names()},
+        description="suspect-reward flags (gradalign_common.suspects): the rule that flags a round's candidates whose "
+        "gradient points against the validation gradient; the API's `rule` overrides it per request",
+    )
+    suspect_threshold: float | None = Field(
+        default=None, allow_inf_nan=False, description="the rule's threshold; None: the rule's default"
+    )
+    suspect_min_rounds: int = Field(
+        default=2, ge=1, description="a problem flagged in this many rounds is 'suspect'; flagged in fewer, 'watch'"
+    )
+
+    @field_validator("suspect_rule")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        try:
+            return get_rule(v).name
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _threshold_fits_rule(self) -> "SchedulerSettings":
+        if self.suspect_threshold is not None:
+            try:
+                get_rule(self.suspect_rule).check_threshold(self.suspect_threshold)
+            except InvalidInputError as exc:
+                raise ValueError(f"suspect_threshold: {exc}") from None
+        return self
 
     def lease_owner(self) -> str:
         return self.replica_id or f"{socket.gethostname()}:{self.port}"

@@ -26,11 +26,12 @@ The warm-started model is cached per (model spec, warm start, seed) in the model
 weights. Each finished (mode, seed) run is written to <results>/runs/<mode>-seed<seed>.json;
 a rerun skips those whose config matches and redoes the rest, so a killed benchmark resumes.
 At the end it writes summary.md, summary.csv, paired.csv (each mode against rand, seed by seed),
-accuracy.png and selected_fraction.png.
+flags.csv (suspect-reward flags against the known noisy problems, per round: quality/flags.py;
+`gradalign bench quality-flags` recomputes them offline), accuracy.png and selected_fraction.png.
 """
 
-from gradalign_tools.bench.quality.command import quality_command
+from gradalign_tools.bench.quality.command import quality_command, quality_flags_command
 from gradalign_tools.bench.quality.config import load_config, run_hash
 from gradalign_tools.bench.quality.report import paired_against
 
-__all__ = ["load_config", "paired_against", "quality_command", "run_hash"]
+__all__ = ["load_config", "paired_against", "quality_command", "quality_flags_command", "run_hash"]

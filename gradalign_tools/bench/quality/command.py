@@ -54,3 +54,51 @@ def quality_command(
     typer.echo((results / "summary.md").read_text())
     typer.echo(f"wrote {results / 'summary.md'}, {results / 'summary.csv'}, {results / 'accuracy.png'}, "
                f"{results / 'selected_fraction.png'} in {time.perf_counter() - started:.0f} s")
+
+
+def _parse_rules(text: Optional[str]) -> list[tuple[str, float | None]] | None:
+    """'cosine@-0.1,robust_z,pass_rate@0.25' -> [("cosine", -0.1), ("robust_z", None), ("pass_rate", 0.25)]."""
+    from gradalign_common.suspects import get_rule
+
+    if text is None:
+        return None
+    rules = []
+    for item in _parse_list(text, str, "--rules") or ():
+        name, _, threshold = item.partition("@")
+        rule = get_rule(name)
+        try:
+            rules.append((rule.name, rule.check_threshold(float(threshold)) if threshold else None))
+        except ValueError as exc:
+            raise InvalidInputError(f"--rules: {item!r}: {exc}") from None
+    return rules
+
+
+def quality_flags_command(
+    results: Path = typer.Option(..., "--results", help="a `bench quality` results folder (its runs/*.json)"),
+    rules: Optional[str] = typer.Option(
+        None, "--rules", help="comma-separated RULE[@THRESHOLD] (default: cosine, robust_z at their defaults, pass_rate@0, pass_rate@0.25)"
+    ),
+    min_rounds: int = typer.Option(2, "--min-rounds", min=1, help="flagged in this many rounds: suspect"),
+) -> None:
+    """Suspect-reward flags of finished runs, offline: precision and recall against the known noisy problems per
+    round and cumulative, beside the pass-rate heuristic; writes <results>/flags.csv and prints the table."""
+    from gradalign_common.artifacts import atomic_write_bytes
+    from gradalign_tools.bench.quality.flags import FLAG_COLUMNS, REPORTED_RULES, flag_rows, flag_table, load_runs
+    from gradalign_tools.bench.quality.report import csv_bytes
+
+    try:
+        chosen = _parse_rules(rules) or list(REPORTED_RULES)
+    except InvalidInputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    runs = load_runs(results)
+    modes = list(dict.fromkeys(mode for mode, _ in runs))
+    seeds = sorted({seed for _, seed in runs})
+    rows = flag_rows(runs, modes, seeds, chosen, min_rounds)
+    if not rows:
+        typer.echo(f"no run in {results / 'runs'} recorded its candidates' scores (runs written before the flag figures, "
+                   "or modes without an external validation set): rerun them to get flag figures", err=True)
+        raise typer.Exit(1)
+    atomic_write_bytes(results / "flags.csv", csv_bytes(FLAG_COLUMNS, rows))
+    typer.echo("\n".join(flag_table(rows, min_rounds) or ["no noisy problems in these runs: nothing to measure the flags against"]))
+    typer.echo(f"wrote {results / 'flags.csv'}")

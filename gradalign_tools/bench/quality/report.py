@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 
 from gradalign_common.artifacts import atomic_write_bytes
+from gradalign_tools.bench.quality.flags import FLAG_COLUMNS, flag_rows, flag_table
 from gradalign_tools.bench.quality.stats import mean, std
 
 
@@ -101,18 +102,26 @@ def write_summary(config: dict, results: Path, runs: Mapping[tuple[str, int], di
             [{**c, "n_seeds": len(c["seeds"]), **{f"final_diff_seed{s}": d for s, d in zip(c["seeds"], c["final_diff"])}}
              for c in paired],
         )
-    atomic_write_bytes(results / "summary.md", summary_markdown(config, rows, seeds, label, paired).encode())
+    flags = flag_rows(runs, modes, seeds)
+    if flags:
+        _write_csv(results / "flags.csv", FLAG_COLUMNS, flags)
+    markdown = summary_markdown(config, rows, seeds, label, paired, flag_table(flags))
+    atomic_write_bytes(results / "summary.md", markdown.encode())
     plot_results(config, results, runs, modes, seeds, label)
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
     """A CSV of `columns` (floats to 4 decimals, a missing value empty), written atomically."""
+    atomic_write_bytes(path, csv_bytes(columns, rows))
+
+
+def csv_bytes(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_fmt_csv(row.get(c, "")) for c in columns])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    return buf.getvalue().encode()
 
 
 def _fmt_csv(v: Any) -> Any:
@@ -123,7 +132,9 @@ def _pct(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
-def summary_markdown(config: dict, rows: list[dict], seeds: Sequence[int], label: str, paired: Sequence[dict] = ()) -> str:
+def summary_markdown(
+    config: dict, rows: list[dict], seeds: Sequence[int], label: str, paired: Sequence[dict] = (), flag_lines: Sequence[str] = ()
+) -> str:
     loop, train = config["loop"], config["train"]
     lines = [
         f"# Selection quality: {config['name']}",
@@ -169,6 +180,8 @@ def summary_markdown(config: dict, rows: list[dict], seeds: Sequence[int], label
                 + f" | {100 * c['final_diff_mean']:+.1f} ± {100 * c['final_diff_std']:.1f} | {c['ahead']}/{n} | "
                 f"{100 * c['rounds_diff_mean']:+.1f} ± {100 * c['rounds_diff_std']:.1f} | {c['rounds_ahead']}/{n} |"
             )
+    if flag_lines:
+        lines += ["", *flag_lines, "", "Per round and run: `flags.csv`."]
     fallbacks = [f"{r['mode']} {r['fallback_rounds']}" for r in rows if r["fallback_rounds"]]
     if fallbacks:
         lines += ["", "Rounds where the mode could not score (e.g. a zero validation gradient) and selected at random "

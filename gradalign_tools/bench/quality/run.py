@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from gradalign_common.errors import ZeroValidationGradientError
 from gradalign_tools.bench.quality.config import RUN_FORMAT, grpo_config, run_hash
+from gradalign_tools.bench.quality.flags import candidate_columns
 from gradalign_tools.bench.quality.stats import mean
 from gradalign_tools.bench.quality.warm_start import greedy_accuracy
 
@@ -152,6 +153,7 @@ def run_one(config: dict, mode_name: str, seed: int, model_dir: Path, on_round=N
                     "train": round(t3 - t2, 3), "eval": round(time.perf_counter() - t3, 3),
                 },
                 "test_accuracy": evals[-1]["overall"],
+                "candidates": candidate_columns(scores, info),  # for the flag figures (quality/flags.py)
             }
         )
         if on_round is not None:

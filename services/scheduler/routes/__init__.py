@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.scheduler.routes import datasets, events, experiments, health, results
+from services.scheduler.routes import datasets, events, experiments, health, results, suspects
 
 api_router = APIRouter()
-for area in (experiments, results, datasets, events, health):
+for area in (experiments, results, suspects, datasets, events, health):
     api_router.include_router(area.router)

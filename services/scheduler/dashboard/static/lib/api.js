@@ -105,6 +105,40 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   return data;
 }
 
+// Save the file at `path` (an API download) as `filename`: fetched with the saved token, so it works when reads
+// need one, then handed to the browser as a download.
+export async function download(path, filename) {
+  const headers = {};
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let resp;
+  try {
+    resp = await fetch(path, { headers });
+  } catch (err) {
+    throw new ApiError(0, err.message, describeError(0, err.message, "GET", path));
+  }
+  if (!resp.ok) {
+    const text = await resp.text();
+    let detail = text;
+    try {
+      detail = JSON.parse(text).detail;
+    } catch {
+      /* not JSON: the text itself */
+    }
+    const err = new ApiError(resp.status, detail, describeError(resp.status, detail, "GET", path));
+    if (resp.status === 401 || resp.status === 403) showAuthError(err);
+    throw err;
+  }
+  const url = URL.createObjectURL(await resp.blob());
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
 export async function mapLimit(items, limit, fn) {
   const results = new Array(items.length);
   let next = 0;

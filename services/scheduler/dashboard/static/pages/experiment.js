@@ -8,6 +8,7 @@ import { fmtDuration, parseTime } from "../lib/format.js";
 import { distributionsPart, roundChartsPart, trainChartsPart } from "./experiment/charts.js";
 import { headerPart } from "./experiment/header.js";
 import { historyPart } from "./experiment/history.js";
+import { suspectsPart } from "./experiment/suspects.js";
 import { timelinePart } from "./experiment/timeline.js";
 
 export async function renderExperiment(page, main, [idText]) {
@@ -23,13 +24,14 @@ export async function renderExperiment(page, main, [idText]) {
     live: null, // the last progress event
     conn: "connecting",
     hist: { q: "", round: "", selected: "", sort: "round", dir: 1, offset: 0 },
+    suspects: null, // GET .../suspects: problems flagged as suspect rewards
   };
 
   // ---- the parts, top to bottom
   const header = headerPart(id, st, { refresh: (all) => refresh(all), act: (verb) => act(verb) });
   const timeline = timelinePart(st);
   const trainCharts = trainChartsPart(st);
-  const parts = [timeline, roundChartsPart(st), trainCharts, distributionsPart(st), historyPart(id, st)];
+  const parts = [timeline, roundChartsPart(st), trainCharts, distributionsPart(st), historyPart(id, st), suspectsPart(id, st)];
   main.append(...header.nodes, ...parts.map((part) => part.node));
   const { renderHead, renderLive } = header;
   const renderTimeline = timeline.render;
@@ -42,7 +44,11 @@ export async function renderExperiment(page, main, [idText]) {
   };
 
   // ---- data
+  const fetchSuspects = async () => {
+    st.suspects = await page.api(`/api/v1/experiments/${id}/suspects?limit=10000`);
+  };
   const fetchRoundData = async (rounds) => {
+    if (rounds.length || !st.suspects) await fetchSuspects(); // flags change when a round's candidates do
     await mapLimit(rounds, 4, async (r) => {
       const [cands, steps] = await Promise.all([
         page.api(`/api/v1/experiments/${id}/rounds/${r.index}/candidates?limit=10000`).then((d) => d.items),
