@@ -254,3 +254,24 @@ def test_a_handler_that_only_yields_is_handed_back_at_its_next_event():
         drained.join(10)
         assert not drained.is_alive() and time.monotonic() - started < 5.0
         watch.cancel()
+
+
+@pytest.mark.parametrize("detail, busy", [(REFUSED_DETAIL, True), (HANDBACK_DETAIL, True), ("connection refused", False)])
+def test_the_scheduler_retries_a_draining_worker_without_counting_an_attempt(detail, busy):
+    """A draining worker's refusal or hand-back is WorkerBusy for the scheduler (queued again, no attempt used up);
+    any other UNAVAILABLE stays a counted WorkerUnavailable."""
+    from services.scheduler.workers import WorkerBusy, WorkerCall, WorkerUnavailable
+
+    class Unavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return detail
+
+    def open_stream(_channel):
+        raise Unavailable()
+
+    with pytest.raises(WorkerUnavailable) as info:
+        list(WorkerCall("scoring", "127.0.0.1:1", 5.0).stream(open_stream))
+    assert isinstance(info.value, WorkerBusy) is busy

@@ -2,8 +2,8 @@
 
 Each call has a deadline. UNAVAILABLE / DEADLINE_EXCEEDED become WorkerUnavailable
 (retried by the orchestrator with backoff); RESOURCE_EXHAUSTED (the replica is at capacity,
-e.g. serving another scheduler replica) becomes WorkerBusy (queued and retried, not counted
-as a failed attempt); INVALID_ARGUMENT / NOT_FOUND / ALREADY_EXISTS become WorkerRejected
+e.g. serving another scheduler replica) and a draining worker's UNAVAILABLE (it refused the
+call, or handed it back) become WorkerBusy (queued and retried, not counted as a failed attempt); INVALID_ARGUMENT / NOT_FOUND / ALREADY_EXISTS become WorkerRejected
 (not retried: the experiment fails with the worker's message).
 
 Every call runs inside a `CallScope`, the live calls of one experiment: `scope.cancel()`
@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from gradalign_common.grpc_utils import channel
+from gradalign_common.grpc_utils import HANDBACK_DETAIL, REFUSED_DETAIL, channel
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.pb import training_pb2, training_pb2_grpc
 
@@ -37,7 +37,12 @@ class WorkerUnavailable(WorkerError):
 
 
 class WorkerBusy(WorkerUnavailable):
-    """The worker is at capacity (RESOURCE_EXHAUSTED): queue and retry, it is not a failure."""
+    """The worker is at capacity (RESOURCE_EXHAUSTED), or shutting down (it refused the call, or handed it back when
+    its drain time ran out): queue and retry, it is not a failure."""
+
+
+# what a draining worker answers (gradalign_common.grpc_utils): the call is retried, not counted as an attempt
+DRAIN_DETAILS = (REFUSED_DETAIL, HANDBACK_DETAIL)
 
 
 class WorkerRejected(WorkerError):
@@ -102,7 +107,7 @@ class WorkerCall:
             code, detail = exc.code(), exc.details() or ""
             if code == grpc.StatusCode.CANCELLED and scope.cancelled:
                 raise CallCancelled(scope.reason) from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (code == grpc.StatusCode.UNAVAILABLE and detail in DRAIN_DETAILS):
                 raise WorkerBusy(self.service, self.address, code, detail) from None
             cls = WorkerUnavailable if code in RETRYABLE else WorkerRejected
             raise cls(self.service, self.address, code, detail) from None
