@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check: `gradalign bench scoring` at a larger size (issue 3), the torch trainer's GRPO
+# One-shot GPU check: `gradalign bench scoring` at a larger size (issue 3) and its scaling study at the 0.5B and
+# 1.5B presets within a memory budget (issue 19), the torch trainer's GRPO
 # step (scripts/check_trainer_step.py) and, where vLLM is installed, the vllm rollout backend
 # (scripts/check_vllm.py) on a lent GPU (issue 13). GPU_CHECK_PARTS picks them (default: all three).
 #
@@ -7,7 +8,7 @@
 #     bash scripts/gpu_check.sh
 # Locally, a tiny CPU smoke test of this script (same code path, tiny model):
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=float32 GPU_CHECK_PRESET= GPU_CHECK_GROUPS=2 GPU_CHECK_RESPONSES=4 \
-#     GPU_CHECK_TOKENS=16 GPU_CHECK_MAX_BATCH_TOKENS=2048 GPU_CHECK_VALIDATION_GROUPS=2 OUT=/tmp/gpu-check \
+#     GPU_CHECK_TOKENS=16 GPU_CHECK_MEMORY_BUDGET=1GiB GPU_CHECK_VALIDATION_GROUPS=2 OUT=/tmp/gpu-check \
 #     bash scripts/gpu_check.sh
 #
 # The benchmark is run through gradalign_tools.bench.scoring.scoring_command, the function that
@@ -33,15 +34,22 @@ GROUPS_="${GPU_CHECK_GROUPS:-16}"
 RESPONSES="${GPU_CHECK_RESPONSES:-128}"
 TOKENS="${GPU_CHECK_TOKENS:-512}"
 VALIDATION_GROUPS="${GPU_CHECK_VALIDATION_GROUPS:-16}"
-# rows x width of one forward. 65536 (the docstring's example) would not fit: Qwen2.5-0.5B's
-# activations alone are ~2 MB per token in bf16 (24 layers), plus float32 logits over a
-# 151936-token vocabulary; 24576 keeps a batch's peak well under the H200's memory.
-MAX_BATCH_TOKENS="${GPU_CHECK_MAX_BATCH_TOKENS:-24576}"
+# Batches are planned within a memory budget (gradalign_common/memory_budget.py): a fraction of the
+# GPU's memory by default. GPU_CHECK_MAX_BATCH_TOKENS (rows x width of one forward) overrides it, as
+# the runs before the budget did (24576 at Qwen2.5-0.5B in bf16).
+MEMORY_BUDGET="${GPU_CHECK_MEMORY_BUDGET:-0.8}"
+MAX_BATCH_TOKENS="${GPU_CHECK_MAX_BATCH_TOKENS:-}"
 METHODS="${GPU_CHECK_METHODS-project,top-layers}"   # empty: no approximate methods
 MEMORY_MULTIPLIER="${GPU_CHECK_MEMORY_MULTIPLIER:-2}"
 REPEATS="${GPU_CHECK_REPEATS:-1}"
 BENCH_TIMEOUT="${GPU_CHECK_TIMEOUT:-430}"      # seconds; the benchmark is killed after this
-PARTS="${GPU_CHECK_PARTS:-scoring,trainer,vllm}"
+PARTS="${GPU_CHECK_PARTS:-scoring,scaling,trainer,vllm}"
+# the scaling part (issue 19): exact vs the floor at these group counts, per preset, with the fraction of
+# the dense bf16 peak (989 TFLOP/s: an H200's) by 6 x parameters x response tokens per second
+SCALING_PRESETS="${GPU_CHECK_SCALING_PRESETS:-qwen2.5-0.5b,qwen2.5-1.5b}"
+SCALING_SIZES="${GPU_CHECK_SCALING_SIZES:-4,8}"
+PEAK_TFLOPS="${GPU_CHECK_PEAK_TFLOPS:-989}"
+SCALING_TIMEOUT="${GPU_CHECK_SCALING_TIMEOUT:-200}"   # seconds per preset
 TRAINER_TIMEOUT="${GPU_CHECK_TRAINER_TIMEOUT:-180}"
 VLLM_TIMEOUT="${GPU_CHECK_VLLM_TIMEOUT:-240}"
 
@@ -83,8 +91,9 @@ EOF
 rc=0
 if [[ ",$PARTS," == *",scoring,"* ]]; then
 args=(--groups "$GROUPS_" --responses "$RESPONSES" --tokens "$TOKENS" --validation-groups "$VALIDATION_GROUPS"
-      --device "$DEVICE" --dtype "$DTYPE" --max-batch-tokens "$MAX_BATCH_TOKENS" --methods "$METHODS"
+      --device "$DEVICE" --dtype "$DTYPE" --memory-budget "$MEMORY_BUDGET" --methods "$METHODS"
       --memory-multiplier "$MEMORY_MULTIPLIER" --repeats "$REPEATS" --out "$OUT/$NAME.json")
+if [ -n "$MAX_BATCH_TOKENS" ]; then args+=(--max-batch-tokens "$MAX_BATCH_TOKENS"); fi
 if [ -n "$PRESET" ]; then args=(--preset "$PRESET" "${args[@]}"); fi
 echo "== gradalign bench scoring ${args[*]}"
 started=$(date +%s)
@@ -94,6 +103,20 @@ timeout -k 10 "$BENCH_TIMEOUT" "$PY" -c \
 rc=$?
 echo "== benchmark exit status $rc after $(( $(date +%s) - started )) s (124: timed out after ${BENCH_TIMEOUT} s)" \
   | tee -a "$OUT/$NAME.log"
+fi
+
+# (c2) the scaling study within the memory budget, per preset: response tokens/s and fraction of peak
+if [[ ",$PARTS," == *",scaling,"* ]]; then
+  for preset in ${SCALING_PRESETS//,/ }; do
+    sargs=(--preset "$preset" --responses "$RESPONSES" --tokens "$TOKENS" --validation-groups 2 --device "$DEVICE"
+           --dtype "$DTYPE" --memory-budget "$MEMORY_BUDGET" --sizes "$SCALING_SIZES" --peak-tflops "$PEAK_TFLOPS"
+           --out "$OUT/scaling_$preset.json")
+    echo "== gradalign bench scoring ${sargs[*]}"
+    timeout -k 10 "$SCALING_TIMEOUT" "$PY" -c \
+      'import typer; from gradalign_tools.bench.scoring import scoring_command; typer.run(scoring_command)' "${sargs[@]}" \
+      2>&1 | tee "$OUT/scaling_$preset.log"
+    part=$?; echo "== scaling $preset exit status $part"; [ "$part" -eq 0 ] || rc=$part
+  done
 fi
 
 # (d) the torch trainer's GRPO step: the same step on CPU and GPU, then one step at the preset's size

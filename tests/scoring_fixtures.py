@@ -19,11 +19,12 @@ from gradalign_common.records import RolloutRecord
 VOCAB_SIZE = 32
 
 
-def tiny_qwen2(seed: int = 0, tied: bool = True, pad_token_id: int | None = None) -> transformers.Qwen2ForCausalLM:
+def tiny_qwen2(seed: int = 0, tied: bool = True, pad_token_id: int | None = None, vocab_size: int = VOCAB_SIZE,
+               hidden_size: int = 32) -> transformers.Qwen2ForCausalLM:
     """A tiny random Qwen2 causal LM, with tied embeddings unless told otherwise."""
     config = transformers.Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -41,7 +42,7 @@ def save_tiny_qwen2(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def random_rollouts(seed: int, n_problems: int, prefix: str = "p") -> list[RolloutRecord]:
+def random_rollouts(seed: int, n_problems: int, prefix: str = "p", vocab: int = VOCAB_SIZE) -> list[RolloutRecord]:
     """Random rollouts, records of a problem interleaved with others'.
 
     Groups have 1 to 4 responses with uneven prompt and response lengths; problem 0 is a
@@ -62,9 +63,9 @@ def random_rollouts(seed: int, n_problems: int, prefix: str = "p") -> list[Rollo
             n = rng.randint(2, 4)
             rewards = [1.0] + [0.0] + [rng.choice([0.0, 1.0]) for _ in range(n - 2)]
         prompt_len = rng.randint(1, 6)
-        prompt = tuple(rng.randrange(VOCAB_SIZE) for _ in range(prompt_len))
+        prompt = tuple(rng.randrange(vocab) for _ in range(prompt_len))
         for reward in rewards:
-            response = tuple(rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 7)))
+            response = tuple(rng.randrange(vocab) for _ in range(rng.randint(1, 7)))
             records.append(RolloutRecord(problem_id=pid, prompt_ids=prompt, response_ids=response, reward=reward))
     rng.shuffle(records)
     return records
@@ -230,3 +231,17 @@ def hand_inverse_denominators(model: torch.nn.Module, state) -> list[torch.Tenso
         v_hat = by_id[id(p)] / (1.0 - state.beta2**state.step)
         out.append(1.0 / (v_hat.sqrt() + state.eps))
     return out
+
+
+def spread_rollouts(seed: int, n_problems: int, n_responses: int, n_tokens: int, vocab: int,
+                    prefix: str = "s") -> list[RolloutRecord]:
+    """Groups of n_responses responses of n_tokens tokens each (ids over the whole vocabulary), prompts of 4 to
+    12 tokens, mixed 0/1 rewards (every group has a non-zero advantage)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n_problems):
+        prompt = tuple(rng.randrange(vocab) for _ in range(rng.randint(4, 12)))
+        for j in range(n_responses):
+            response = tuple(rng.randrange(vocab) for _ in range(n_tokens))
+            records.append(RolloutRecord(f"{prefix}{i:02d}", prompt, response, float(j % 2 == 0 or rng.random() < 0.3)))
+    return records

@@ -74,3 +74,38 @@ def test_rank_statistics():
     f = fidelity(exact, approx, "sim", 0.25)
     assert f["n_select"] == 2 and f["top_overlap"] == 0.0
     assert fidelity(exact, exact, "sim", 0.5)["top_overlap"] == 1.0
+
+
+def test_bench_scaling_study_at_a_tiny_size(tmp_path):
+    """--sizes runs floor, exact and today's path at each size within the budget and reports the ratios."""
+    out = tmp_path / "scaling.json"
+    tiny = [a for a in TINY if a not in ("--select-fraction", "0.5")]
+    result = CliRunner().invoke(app, [*tiny, "--vocab", "5000", "--sizes", "1,2", "--memory-budget", "16MiB",
+                                      "--attention", "sdpa,eager", "--peak-tflops", "0.01", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for text in ["scaling within a 16 MB memory budget", "today's floor", "today's exact", "MB/tok",
+                 "exact/floor", "peak of torch's tensors", "scaling targets"]:
+        assert text in result.stdout, text
+    data = json.loads(out.read_text())["scaling"]
+    assert [s["groups"] for s in data["sizes"]] == [1, 2]
+    assert set(data["sizes"][0]["jobs"]) == {"floor", "today's floor", "exact", "today's exact"}  # the smallest
+    assert set(data["sizes"][1]["jobs"]) == {"floor", "exact"}
+    for size in data["sizes"]:
+        assert all(j["seconds"] > 0 and j["tokens_in_flight"] > 0 for j in size["jobs"].values())
+    assert set(data["targets"]) == {"exact_peak_within_budget", "exact_peak_growth_below_1.2x",
+                                    "exact_tensor_peak_within_budget", "exact_tensor_peak_growth_below_1.2x",
+                                    "exact_time_per_token_within_1.2x", "exact_within_1.15x_floor"}
+    assert all(0 < s["exact_tensor_peak_mb"] <= 16 for s in data["sizes"])  # torch's tensors, within the budget
+    assert all(s["exact_batches"] >= 1 for s in data["sizes"])
+    assert data["first_size_beyond_one_batch"] == next((s["groups"] for s in data["sizes"] if s["exact_batches"] > 1), None)
+    assert data["exact_peak_growth_beyond_one_batch"] is None  # no larger size after the first of several batches
+    exact = data["sizes"][0]["jobs"]["exact"]  # 6 x parameters x response tokens / s, against the given peak
+    assert exact["fraction_of_peak"] == pytest.approx(exact["model_tflops"] / 0.01)
+    assert exact["model_tflops"] > 0 and "of the device's dense peak" in result.stdout
+    attention = data["attention"]  # floor and exact again with each implementation; the model's own restored after
+    assert attention["default"] == "sdpa" and set(attention["implementations"]) == {"sdpa", "eager"}
+    assert all(j["seconds"] > 0 for jobs in attention["implementations"].values() for j in jobs.values())
+    assert "attention eager at 1 groups" in result.stdout and "x sdpa's time" in result.stdout
+    assert CliRunner().invoke(app, [*tiny, "--sizes", "2,x"]).exit_code == 2
+    assert CliRunner().invoke(app, [*tiny, "--sizes", "2", "--attention", "fast"]).exit_code == 2
+    assert CliRunner().invoke(app, [*tiny, "--sizes", "2", "--memory-budget", "lots"]).exit_code == 2

@@ -62,6 +62,8 @@ def test_unknown_experiment_is_404(client):
         ({"scoring_method": "fastest"}, "scoring_method"),
         ({"scoring_method": "exact-3"}, "scoring_method"),
         ({"scoring_dtype": "int8"}, "scoring_dtype"),
+        ({"scoring_memory_budget": "lots"}, "scoring_memory_budget"),
+        ({"scoring_memory_budget": "150%"}, "scoring_memory_budget"),
     ],
 )
 def test_invalid_fields_are_422_naming_the_field(client, tiny_model_dir, overrides, field):

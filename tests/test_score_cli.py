@@ -137,3 +137,18 @@ def test_methods_and_optimizer_state(files, random_qwen2_dir, tmp_path):
                           (["--method", "project-0"], "size must be")]:
         result = _run(*base, *args, "--out", tmp_path / "x.jsonl")
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_memory_budget_option(files, random_qwen2_dir, tmp_path):
+    """--memory-budget plans the batches (the scores do not change); a budget that is not one exits 2."""
+    common = ["--model", random_qwen2_dir, "--candidates", files["candidates_jsonl"],
+              "--validation", files["validation_parquet"], "--mode", "sim"]
+    scores = {}
+    for budget in ("1MiB", "0.5"):
+        out = tmp_path / f"scores-{budget}.jsonl"
+        result = _run(*common, "--memory-budget", budget, "--out", out)
+        assert result.exit_code == 0, result.output
+        scores[budget] = [line["score"] for line in _lines(out)]
+    assert scores["1MiB"] == pytest.approx(scores["0.5"], abs=1e-6)
+    result = _run(*common, "--memory-budget", "lots", "--out", tmp_path / "bad.jsonl")
+    assert result.exit_code == 2 and "memory budget" in result.output

@@ -194,3 +194,33 @@ def test_the_dtype_setting_takes_effect_when_a_request_names_none(data, random_q
     assert loaded_dtype(ScoringSettings(device="cpu"), "") == torch.float32
     assert loaded_dtype(ScoringSettings(device="cpu", dtype="bfloat16"), "") == torch.bfloat16
     assert loaded_dtype(ScoringSettings(device="cpu", dtype="bfloat16"), "float32") == torch.float32
+
+
+def test_the_memory_budget_setting_and_a_requests_own(stub, data, random_qwen2_dir):
+    """The service's memory_budget setting is used when a request names none; a request's own wins; a budget
+    that is not one is refused as INVALID_ARGUMENT (the scores never depend on it)."""
+    import pydantic
+
+    from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, parse_memory_budget
+    from services.scoring.server import ScoringServicer
+
+    def used_budget(settings, request_budget):
+        servicer = ScoringServicer(settings)
+        request = scoring_pb2.ScoreRequest(
+            checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]],
+            mode="sim", memory_budget=request_budget,
+        )
+        events = list(servicer.Score(request, None))
+        return servicer._loaded.engine.memory_budget, [e.score.score for e in events if e.WhichOneof("event") == "score"]
+
+    default, scores = used_budget(ScoringSettings(device="cpu"), "")
+    assert default == parse_memory_budget(DEFAULT_MEMORY_BUDGET)
+    assert used_budget(ScoringSettings(device="cpu", memory_budget="2GiB"), "")[0] == MemoryBudget(bytes=2 << 30)
+    small, small_scores = used_budget(ScoringSettings(device="cpu", memory_budget="2GiB"), "1MiB")
+    assert small == MemoryBudget(bytes=1 << 20)
+    assert small_scores == pytest.approx(scores, abs=FLOAT32_TOL)
+    with pytest.raises(pydantic.ValidationError):
+        ScoringSettings(memory_budget="lots")
+    err = _error(stub, checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]],
+                 validation_paths=[data["validation_path"]], mode="sim", memory_budget="lots")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "memory budget" in err.details()

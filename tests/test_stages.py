@@ -81,7 +81,7 @@ def test_score_requests_name_the_validation_rollouts_the_mode_asks_for(tmp_path,
 def test_requests_are_built_from_the_typed_spec_and_keyed_by_the_uid(tmp_path, tiny_model_dir, recorded):
     app, exp = _run_one_round(
         tmp_path, tiny_model_dir, scoring_method="top-layers-2", scoring_dtype="bfloat16", max_grad_norm=0.25,
-        learning_rate=3e-4, reuse_rollouts=False,
+        learning_rate=3e-4, reuse_rollouts=False, scoring_memory_budget="6GiB",
     )
     assert exp.status == "completed", exp.error
     assert len(exp.uid) == 32 and exp.uid != str(exp.id)
@@ -91,7 +91,7 @@ def test_requests_are_built_from_the_typed_spec_and_keyed_by_the_uid(tmp_path, t
     outputs = [r.output_path for r in recorded.requests["rollout"] + recorded.requests["scoring"]]
     assert all(p.startswith(exp_dir + "/") for p in outputs + [recorded.requests["trainer"][0].output_checkpoint])
     (score,) = recorded.requests["scoring"]
-    assert (score.method, score.dtype, score.mode) == ("top-layers-2", "bfloat16", "sim")
+    assert (score.method, score.dtype, score.mode, score.memory_budget) == ("top-layers-2", "bfloat16", "sim", "6GiB")
     (train,) = recorded.requests["trainer"]
     assert train.hyperparams.max_grad_norm == pytest.approx(0.25)
     assert train.hyperparams.learning_rate == pytest.approx(3e-4)

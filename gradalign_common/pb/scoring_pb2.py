@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from gradalign_common.pb import common_pb2 as gradalign_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradalign/v1/scoring.proto\x12\x0cgradalign.v1\x1a\x19gradalign/v1/common.proto\"\xd7\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_paths\x18\x03 \x03(\t\x12\x18\n\x10validation_paths\x18\x04 \x03(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x13\n\x0boutput_path\x18\t \x01(\t\x12\x1c\n\x14optimizer_state_path\x18\n \x01(\t\"p\n\x0cProblemScore\x12\x12\n\nproblem_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x13\n\x0bn_responses\x18\x04 \x01(\x05\x12\x16\n\x0ezero_advantage\x18\x05 \x01(\x08\"t\n\x0cScoreSummary\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x12\n\nn_problems\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\"\n\x1avalidation_gradient_cached\x18\x04 \x01(\x08\"\x9d\x01\n\nScoreEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.gradalign.v1.ProgressH\x00\x12+\n\x05score\x18\x02 \x01(\x0b\x32\x1a.gradalign.v1.ProblemScoreH\x00\x12-\n\x07summary\x18\x03 \x01(\x0b\x32\x1a.gradalign.v1.ScoreSummaryH\x00\x42\x07\n\x05\x65vent2Q\n\x0eScoringService\x12?\n\x05Score\x12\x1a.gradalign.v1.ScoreRequest\x1a\x18.gradalign.v1.ScoreEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradalign/v1/scoring.proto\x12\x0cgradalign.v1\x1a\x19gradalign/v1/common.proto\"\xee\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_paths\x18\x03 \x03(\t\x12\x18\n\x10validation_paths\x18\x04 \x03(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x13\n\x0boutput_path\x18\t \x01(\t\x12\x1c\n\x14optimizer_state_path\x18\n \x01(\t\x12\x15\n\rmemory_budget\x18\x0b \x01(\t\"p\n\x0cProblemScore\x12\x12\n\nproblem_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x13\n\x0bn_responses\x18\x04 \x01(\x05\x12\x16\n\x0ezero_advantage\x18\x05 \x01(\x08\"t\n\x0cScoreSummary\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x12\n\nn_problems\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\"\n\x1avalidation_gradient_cached\x18\x04 \x01(\x08\"\x9d\x01\n\nScoreEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.gradalign.v1.ProgressH\x00\x12+\n\x05score\x18\x02 \x01(\x0b\x32\x1a.gradalign.v1.ProblemScoreH\x00\x12-\n\x07summary\x18\x03 \x01(\x0b\x32\x1a.gradalign.v1.ScoreSummaryH\x00\x42\x07\n\x05\x65vent2Q\n\x0eScoringService\x12?\n\x05Score\x12\x1a.gradalign.v1.ScoreRequest\x1a\x18.gradalign.v1.ScoreEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradalign.v1.scoring_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREREQUEST']._serialized_start=72
-  _globals['_SCOREREQUEST']._serialized_end=287
-  _globals['_PROBLEMSCORE']._serialized_start=289
-  _globals['_PROBLEMSCORE']._serialized_end=401
-  _globals['_SCORESUMMARY']._serialized_start=403
-  _globals['_SCORESUMMARY']._serialized_end=519
-  _globals['_SCOREEVENT']._serialized_start=522
-  _globals['_SCOREEVENT']._serialized_end=679
-  _globals['_SCORINGSERVICE']._serialized_start=681
-  _globals['_SCORINGSERVICE']._serialized_end=762
+  _globals['_SCOREREQUEST']._serialized_end=310
+  _globals['_PROBLEMSCORE']._serialized_start=312
+  _globals['_PROBLEMSCORE']._serialized_end=424
+  _globals['_SCORESUMMARY']._serialized_start=426
+  _globals['_SCORESUMMARY']._serialized_end=542
+  _globals['_SCOREEVENT']._serialized_start=545
+  _globals['_SCOREEVENT']._serialized_end=702
+  _globals['_SCORINGSERVICE']._serialized_start=704
+  _globals['_SCORINGSERVICE']._serialized_end=785
 # @@protoc_insertion_point(module_scope)

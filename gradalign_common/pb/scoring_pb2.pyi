@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "checkpoint", "candidate_paths", "validation_paths", "mode", "method", "dtype", "seed", "output_path", "optimizer_state_path")
+    __slots__ = ("request_id", "checkpoint", "candidate_paths", "validation_paths", "mode", "method", "dtype", "seed", "output_path", "optimizer_state_path", "memory_budget")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PATHS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class ScoreRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STATE_PATH_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     checkpoint: str
     candidate_paths: _containers.RepeatedScalarFieldContainer[str]
@@ -30,7 +31,8 @@ class ScoreRequest(_message.Message):
     seed: int
     output_path: str
     optimizer_state_path: str
-    def __init__(self, request_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., candidate_paths: _Optional[_Iterable[str]] = ..., validation_paths: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., method: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., output_path: _Optional[str] = ..., optimizer_state_path: _Optional[str] = ...) -> None: ...
+    memory_budget: str
+    def __init__(self, request_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., candidate_paths: _Optional[_Iterable[str]] = ..., validation_paths: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., method: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., output_path: _Optional[str] = ..., optimizer_state_path: _Optional[str] = ..., memory_budget: _Optional[str] = ...) -> None: ...
 
 class ProblemScore(_message.Message):
     __slots__ = ("problem_id", "score", "accuracy", "n_responses", "zero_advantage")

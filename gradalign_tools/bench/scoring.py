@@ -25,12 +25,17 @@ On a GPU, at a larger size, e.g. Qwen2.5-0.5B's architecture with random weights
         --device cuda --dtype bfloat16 --max-batch-tokens 65536 --methods project,top-layers
 
 --memory-multiplier M runs exact again on the round and then on M times as many groups, back to
-back, and reports both peaks (memory must stay flat). --replicas N scores the round with N scorer processes (services.scoring.server,
---replica-threads torch threads each) against one such process, and reports the time ratio.
+back, and reports both peaks (memory must stay flat). --memory-budget sets the engine's memory budget
+(gradalign_common.memory_budget; --max-batch-tokens overrides it by a token count). --sizes 2,4,8 runs,
+instead of the comparison above, the scaling study of gradalign_tools.bench.scoring_scaling: floor, exact
+and today's path (logits at once, 2048-token batches) at each size, within the budget:
+    gradalign bench scoring --preset qwen2.5-0.5b --sizes 2,4,8 --memory-budget 4GiB --threads 2
+--replicas N scores the round with N scorer processes (services.scoring.server, --replica-threads torch
+threads each) against one such process, and reports the time ratio.
 
 Modules: this one (inputs, the run, the report, the command); scoring_reference (the baseline);
 scoring_measure (time and memory of one run); scoring_fidelity (Spearman, top overlap);
-scoring_replicas (the --replicas comparison). Exact and approximate methods are scored through
+scoring_replicas (the --replicas comparison); scoring_scaling (--sizes). Exact and approximate methods are scored through
 services.scoring.score_request, as the service and `gradalign score` score them.
 """
 
@@ -60,8 +65,9 @@ from gradalign_tools.bench.scoring_fidelity import fidelity
 from gradalign_tools.bench.scoring_measure import Row, measure, synchronize
 from gradalign_tools.bench.scoring_reference import ReferenceMethod, response_tokens
 from gradalign_tools.bench.scoring_replicas import run_replicas
-from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
+from gradalign_tools.bench.scoring_scaling import format_scaling, run_scaling
 from services.scoring.engine import ScoringEngine, parse_device
+from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET
 from services.scoring.score_request import score_request
 
 DEFAULT_APPROXIMATIONS = ("project", "top-layers", "fewer-responses")
@@ -70,6 +76,7 @@ PRESETS = {
     # name: (layers, hidden, intermediate, heads, kv heads, vocab)
     "tiny": (4, 256, 768, 4, 2, 2048),
     "qwen2.5-0.5b": (24, 896, 4864, 14, 2, 151936),
+    "qwen2.5-1.5b": (28, 1536, 8960, 12, 2, 151936),
 }
 
 
@@ -96,7 +103,12 @@ class BenchConfig:
     memory_multiplier: int = 4
     replicas: int = 0
     replica_threads: int = 1
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_tokens: Optional[int] = None
+    memory_budget: str = DEFAULT_MEMORY_BUDGET
+    sizes: tuple[int, ...] = ()
+    todays_sizes: tuple[int, ...] = ()
+    attention: tuple[str, ...] = ()
+    peak_tflops: float = 0.0
     seed: int = 0
 
 
@@ -152,9 +164,17 @@ def run_benchmark(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = build_model(cfg)
-    engine = ScoringEngine(model, device=device, dtype=dtype, max_batch_tokens=cfg.max_batch_tokens)
+    engine = ScoringEngine(model, device=device, dtype=dtype, memory_budget=cfg.memory_budget,
+                           max_batch_tokens=cfg.max_batch_tokens)
     if not engine.batched:
         raise InvalidInputError(f"the batched path does not support the model: {engine.layout.reason}")
+    if cfg.sizes:
+        echo(f"model: Qwen2 {cfg.layers} layers, hidden {cfg.hidden}, intermediate {cfg.intermediate}, vocab {cfg.vocab}, "
+             f"{engine.n_parameters / 1e6:.2f}M parameters, {cfg.dtype} on {device}, {torch.get_num_threads()} torch threads")
+        validation = make_rollouts(cfg, cfg.validation_groups, "v", cfg.seed + 2)
+        return {"config": asdict(cfg), "scaling": run_scaling(cfg, engine, validation, cfg.sizes, echo, cfg.todays_sizes,
+                                                                  cfg.attention),
+                "environment": _environment(device)}
     candidates = make_rollouts(cfg, cfg.groups, "c", cfg.seed + 1)
     validation = make_rollouts(cfg, cfg.validation_groups, "v", cfg.seed + 2)
     if mode.needs_validation:
@@ -234,14 +254,18 @@ def run_benchmark(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict
     result = _summarise(cfg, rows, approximations, n_tokens, validation_seconds, memory_check)
     if cfg.replicas > 1:
         result["replicas"] = run_replicas(cfg, model, candidates, validation if mode.needs_validation else None, echo)
-    result["environment"] = {
+    result["environment"] = _environment(device)
+    return result
+
+
+def _environment(device: torch.device) -> dict:
+    return {
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
-    return result
 
 
 def _summarise(cfg, rows, approximations, n_tokens, validation_seconds, memory_check) -> dict:
@@ -349,9 +373,26 @@ def scoring_command(
     memory_multiplier: int = typer.Option(4, "--memory-multiplier", min=0, help="Also run exact on this many times the groups (0/1: skip)."),
     replicas: int = typer.Option(0, "--replicas", min=0, help="Also time the round sharded over N scorer processes vs 1 (0: skip)."),
     replica_threads: int = typer.Option(1, "--replica-threads", min=1, help="Torch threads per scorer process."),
-    max_batch_tokens: int = typer.Option(
-        DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", min=1,
-        help="Rows x width of one batched forward (floor and exact alike); raise it on a GPU.",
+    max_batch_tokens: Optional[int] = typer.Option(
+        None, "--max-batch-tokens", min=1,
+        help="Override: rows x width of one batched forward (floor and exact alike), instead of the memory budget.",
+    ),
+    memory_budget: str = typer.Option(
+        DEFAULT_MEMORY_BUDGET, "--memory-budget",
+        help="Working memory of a scoring pass on top of the model: bytes (4GiB) or a fraction of the device's (0.8).",
+    ),
+    sizes: str = typer.Option(
+        "", "--sizes", help="Group counts (e.g. 2,4,8): run the scaling study (floor, exact, today's path) instead.",
+    ),
+    todays_sizes: str = typer.Option(
+        "", "--todays-sizes", help="Sizes at which the study also runs today's path (default: the smallest).",
+    ),
+    attention: str = typer.Option(
+        "", "--attention", help="With --sizes: also time floor and exact with each attention implementation (e.g. sdpa,eager).",
+    ),
+    peak_tflops: float = typer.Option(
+        0.0, "--peak-tflops", min=0.0,
+        help="With --sizes: the device's dense peak (TFLOP/s, e.g. 989 for an H200 in bf16) for the fraction-of-peak figure.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the model weights and rollouts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write all results as JSON here."),
@@ -368,18 +409,37 @@ def scoring_command(
         validation_groups=validation_groups, dtype=dtype, device=device, repeats=repeats, threads=threads,
         mode=mode, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         select_fraction=select_fraction, memory_multiplier=memory_multiplier, replicas=replicas,
-        replica_threads=replica_threads, max_batch_tokens=max_batch_tokens, seed=seed,
+        replica_threads=replica_threads, max_batch_tokens=max_batch_tokens, memory_budget=memory_budget,
+        sizes=_sizes(sizes), todays_sizes=_sizes(todays_sizes), attention=_attention(attention), peak_tflops=peak_tflops, seed=seed,
     )  # fmt: skip
     try:
         result = run_benchmark(cfg, echo=typer.echo)
     except InvalidInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(format_table(result))
+    typer.echo(format_scaling(result["scaling"]) if "scaling" in result else format_table(result))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=_json_default))
         typer.echo(f"wrote {out}")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--sizes takes group counts such as 2,4,8, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise typer.BadParameter("--sizes takes positive group counts")
+    return sizes
+
+
+def _attention(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in ("sdpa", "eager", "flash_attention_2")]
+    if unknown:
+        raise typer.BadParameter(f"--attention takes sdpa, eager or flash_attention_2, got {', '.join(unknown)}")
+    return names
 
 
 def _json_default(value):

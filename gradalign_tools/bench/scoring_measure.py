@@ -2,6 +2,8 @@
 
 Peak memory is torch's peak allocation above the start on CUDA; on CPU the process's peak
 resident set size above its size at the start of the run, after returning freed heap to the OS.
+`peak_tensor_bytes` measures, on CPU, the peak of the bytes torch holds in tensors (what a memory
+plan governs; the resident set adds the allocator's and libraries' own).
 """
 
 from __future__ import annotations
@@ -128,3 +130,20 @@ def measure(row: Row, device: torch.device, fn: Callable[[], object]) -> object:
     row.peak_mb.append(memory.peak_above_start_mb)
     row.peak_total_mb.append(memory.peak_mb)
     return result
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> tuple[int, object]:
+    """(the peak of live CPU tensor bytes while fn() runs, above what was live before; fn's result), measured:
+    torch's profiler records every allocation and free of the CPU allocator (profile_memory=True); their
+    running sum in time order is what torch holds in tensors at each moment. Allocator slack and memory
+    outside tensors (libraries' workspaces, Python objects) are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, result

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gradalign_common.errors import InvalidInputError
+from gradalign_common.memory_budget import parse_memory_budget
 from gradalign_common.scoring_methods import parse_method
 from gradalign_common.selection import mode_names
 
@@ -66,6 +67,11 @@ class ExperimentSpec(BaseModel):
     scoring_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="model dtype for scoring; auto: the scoring service's setting (bfloat16 on CUDA, float32 on CPU)"
     )
+    scoring_memory_budget: str | None = Field(
+        default=None, max_length=32,
+        description="working memory of a scoring pass on top of the model: bytes (24GiB, 512MB) or a fraction of the "
+        "scoring device's memory (0.8, 80%); batches are planned within it; None: the scoring service's setting",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -87,6 +93,17 @@ class ExperimentSpec(BaseModel):
             return parse_method(v).name
         except InvalidInputError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("scoring_memory_budget")
+    @classmethod
+    def _is_a_memory_budget(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            parse_memory_budget(v)
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
+        return v.strip()
 
     @field_validator("mode")
     @classmethod

@@ -255,6 +255,7 @@ def _score_shards(rt: StageRuntime, mode_name: str, key: str) -> list:
             mode=mode_name,
             method=spec.scoring_method,
             dtype=spec.scoring_dtype_request(),
+            memory_budget=spec.scoring_memory_budget or "",
             seed=rt.seed("score"),
             output_path=str(platform.store.scores_path(rt.uid, rt.round_index, i)),
         )

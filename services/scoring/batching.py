@@ -1,7 +1,8 @@
 """Batches of the batched exact-scoring path: consecutive groups packed into right-padded model inputs.
 
-`plan_batches` packs groups (their responses and per-response loss weights) into batches of at
-most max_batch_tokens rows x width, splitting a group too large for one batch into chunks;
+`plan_batches` packs groups (their responses and per-response loss weights) into batches that fit
+(a BatchFits test: the memory plan's, services.scoring.memory_plan, or rows x width at most a token
+limit), splitting a group too large for one batch into chunks;
 `Batch` holds one batch's model inputs and where each chunk's rows, selected tokens and
 embedding rows are, so that hooks can separate each group's share of a layer's gradient.
 """
@@ -9,7 +10,7 @@ embedding rows are, so that hooks can separate each group's share of a layer's g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -18,7 +19,16 @@ from gradalign_common.records import RolloutRecord
 ROWS = "rows"  # a tensor laid out [rows, width, ...] like the batch's input ids
 TOKENS = "tokens"  # a tensor laid out [selected tokens, ...] (lm_head's input and output)
 
-DEFAULT_MAX_BATCH_TOKENS = 2048  # rows x width per forward: small batches stay in cache on CPU; raise on GPU
+DEFAULT_MAX_BATCH_TOKENS = 2048  # the earlier default token limit (rows x width per forward), now an override
+
+BatchFits = Callable[[int, int, bool], bool]
+"""fits(rows, width, split): whether a batch of `rows` rows `width` tokens wide fits; `split` when it holds part
+of a group too large for one batch."""
+
+
+def token_limit(max_batch_tokens: int) -> BatchFits:
+    """A BatchFits of at most max_batch_tokens rows x width."""
+    return lambda rows, width, split=False: rows * width <= max_batch_tokens
 
 
 @dataclass(frozen=True)
@@ -41,40 +51,78 @@ class Chunk:
 
 
 def plan_batches(
-    groups: Iterable[tuple[int, Sequence[RolloutRecord], Sequence[float]]], max_batch_tokens: int
+    groups: Iterable[tuple[int, Sequence[RolloutRecord], Sequence[float]]], fits: "BatchFits | int"
 ) -> Iterator[list[Chunk]]:
     """Consecutive groups (key, records, per-response weights) packed into batches.
 
-    A batch's size is rows x width (the longest prompt + response in it) <= max_batch_tokens,
-    unless one group alone is larger: such a group is split by responses into chunks,
-    each its own batch.
+    Every batch fits (rows, and width the longest prompt + response in it; an int is a token limit),
+    unless one group alone does not: such a group is split by responses into chunks, each its own
+    batch that fits as a split batch (or holds a single response). The groups between such splits are
+    cut into as few batches as greedy packing makes, balanced: the largest batch (rows x width) is as
+    small as that number of batches allows (`_balanced`), so a round's peak memory is that of its
+    typical batch rather than of one greedy batch filled to the budget, and no pass is added.
     """
-    batch: list[Chunk] = []
-    rows = width = 0
+    if isinstance(fits, int):
+        fits = token_limit(fits)
+    run: list[tuple[int, Sequence[RolloutRecord], Sequence[float], list[int]]] = []
     for key, records, weights in groups:
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in records]
-        if len(records) * max(lengths) > max_batch_tokens:
-            if batch:
-                yield batch
-                batch, rows, width = [], 0, 0
-            yield from ([c] for c in _split(key, records, weights, lengths, max_batch_tokens))
+        if not fits(len(records), max(lengths), False):
+            yield from _balanced(run, fits)
+            run = []
+            yield from ([c] for c in _split(key, records, weights, lengths, fits))
             continue
+        run.append((key, records, weights, lengths))
+    yield from _balanced(run, fits)
+
+
+def _greedy(run, fits: BatchFits, cap: int | None = None) -> list[list[Chunk]]:
+    """Consecutive groups of `run` (each fitting alone) packed greedily into batches that fit and, with
+    `cap`, hold at most cap rows x width."""
+    batches: list[list[Chunk]] = []
+    batch: list[Chunk] = []
+    rows = width = 0
+    for key, records, weights, lengths in run:
         new_rows, new_width = rows + len(records), max(width, max(lengths))
-        if batch and new_rows * new_width > max_batch_tokens:
-            yield batch
+        if batch and (not fits(new_rows, new_width, False) or (cap is not None and new_rows * new_width > cap)):
+            batches.append(batch)
             batch, new_rows, new_width = [], len(records), max(lengths)
         batch.append(Chunk(key, tuple(records), tuple(weights)))
         rows, width = new_rows, new_width
     if batch:
-        yield batch
+        batches.append(batch)
+    return batches
 
 
-def _split(key, records, weights, lengths, max_batch_tokens) -> list[Chunk]:
+def _size(batch: list[Chunk]) -> int:
+    records = [r for c in batch for r in c.records]
+    return len(records) * max(len(r.prompt_ids) + len(r.response_ids) for r in records)
+
+
+def _balanced(run, fits: BatchFits) -> list[list[Chunk]]:
+    """Greedy packing's number of batches, with the smallest cap on a batch's rows x width that keeps it:
+    a binary search over the cap (the number of batches never grows with the cap; at greedy's own largest
+    batch it is greedy's)."""
+    batches = _greedy(run, fits)
+    if len(batches) < 2:
+        return batches
+    low = max(len(records) * max(lengths) for _, records, _, lengths in run) - 1  # infeasible: some group exceeds it
+    high = max(_size(b) for b in batches)  # feasible
+    while high - low > 1:
+        middle = (low + high) // 2
+        if len(_greedy(run, fits, middle)) <= len(batches):
+            high = middle
+        else:
+            low = middle
+    return _greedy(run, fits, high)
+
+
+def _split(key, records, weights, lengths, fits: BatchFits) -> list[Chunk]:
     order = sorted(range(len(records)), key=lambda j: lengths[j])  # similar lengths together: less padding
     parts: list[list[int]] = [[]]
     for j in order:
         part = parts[-1]
-        if part and (len(part) + 1) * max(lengths[k] for k in part + [j]) > max_batch_tokens:
+        if part and not fits(len(part) + 1, max(lengths[k] for k in part + [j]), True):
             parts.append([j])
         else:
             part.append(j)

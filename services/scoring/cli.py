@@ -21,9 +21,9 @@ from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_st
 from gradalign_common.records import ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.selection import get_mode, mode_names
 from gradalign_common.scoring_methods import METHODS, MethodSpec, parse_method
-from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine, parse_device
 from services.scoring.gradient_source import GradientSource, gradient_source
+from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, parse_memory_budget
 from services.scoring.score_request import score_request
 
 BAD_INPUT_EXIT_CODE = 2
@@ -43,9 +43,14 @@ def score_command(
     ),  # fmt: skip
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: float32, float64, bfloat16, float16, or auto (bfloat16 on CUDA, float32 on CPU)."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
-    max_batch_tokens: int = typer.Option(
-        DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", min=1,
-        help="Rows x width of one batched forward (memory per batch); raise it on a GPU.",
+    memory_budget: str = typer.Option(
+        DEFAULT_MEMORY_BUDGET, "--memory-budget",
+        help="Working memory of scoring on top of the loaded model: bytes (4GiB, 512MB) or a fraction of the "
+        "device's memory (0.8); batches are planned to stay within it.",
+    ),
+    max_batch_tokens: Optional[int] = typer.Option(
+        None, "--max-batch-tokens", min=1,
+        help="Override: rows x width of one batched forward, instead of the memory budget.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the rand mode (and of fewer-responses' choice)."),
     optimizer_state: Optional[Path] = typer.Option(
@@ -57,7 +62,8 @@ def score_command(
 ) -> None:
     """Score candidate problems by gradient alignment (shared/spec/gradalign-score.md) and write JSONL."""
     try:
-        scores = _score(model, candidates, validation, mode, method, dtype, device, seed, optimizer_state, max_batch_tokens)
+        scores = _score(model, candidates, validation, mode, method, dtype, device, seed, optimizer_state,
+                        memory_budget, max_batch_tokens)
     except InvalidInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
@@ -75,12 +81,14 @@ def _score(
     device: str,
     seed: int,
     optimizer_state: Optional[Path] = None,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    memory_budget: str = DEFAULT_MEMORY_BUDGET,
+    max_batch_tokens: Optional[int] = None,
 ) -> list[ScoreRecord]:
     """Check the arguments, read the rollouts and score them; InvalidInputError on bad input."""
     mode = get_mode(mode_name)
     spec = parse_method(method)
     parse_device(device)
+    budget = parse_memory_budget(memory_budget)
     dtype = dtype_on(dtype_name, device)
     check_model_dir(model)
     state = read_optimizer_state(optimizer_state) if optimizer_state is not None else None
@@ -97,7 +105,8 @@ def _score(
 
     scores = score_request(
         candidates, mode, method=spec, seed=seed, validation_name="--validation",
-        engine=lambda: ScoringEngine.from_pretrained(model, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens),
+        engine=lambda: ScoringEngine.from_pretrained(model, device=device, dtype=dtype, memory_budget=budget,
+                                                     max_batch_tokens=max_batch_tokens),
         validation_gradient=validation_gradient if validation is not None else None,
         preconditioner=preconditioner,
         progress=lambda done, total: bar.update(done - bar.n),  # the bar below: scores come as they are consumed

@@ -22,12 +22,18 @@ the batched path does not know); the approximate methods are only used when name
 dot products and norms are reduced in float32 or wider (float64 for a float64 model) and
 summed in float64. The engine holds the model and what the methods share: its layout, the
 batching of groups, preconditioner factors and projection plans.
+
+Memory: every pass is planned within a memory budget (gradalign_common.memory_budget: bytes, or a
+fraction of the device's memory, on top of the resident model and g_V) from a cost model of the
+model itself (services.scoring.memory_plan): batches of groups, lm_head's logits in chunks of
+tokens (services.scoring.head_loss) and bounded per-group gradient slices. `max_batch_tokens`, when
+set, overrides the budget's batch size by a token count (rows x width), as before.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -41,10 +47,13 @@ from gradalign_common.optimizer_state import AdamSecondMoment
 from gradalign_common.records import RolloutRecord, ScoreRecord
 from gradalign_common.scoring_methods import MethodSpec, parse_method
 from gradalign_common.selection import SelectionMode, get_mode
-from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS, Batch, plan_batches
+from services.scoring.batching import Batch, plan_batches
+from services.scoring.cpu_allocator import map_large_blocks, release_freed_memory
 from services.scoring.gradient_source import GradientSource, gradient_source
 from services.scoring.groups import Group, groups_of, weighted_responses
 from services.scoring.layout import accumulation_dtype, inspect_model
+from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, parse_memory_budget
+from services.scoring.memory_plan import COLLECT, PLAIN, BatchPlan, CostModel, plan_pass, probe_cost_model
 from services.scoring.methods import get_method
 from services.scoring.passes import plain_gradient, run_batch
 from services.scoring.projection import ProjectionPlan
@@ -83,7 +92,10 @@ class ScoringEngine:
     exact-loop and fewer-responses; over the top layers' parameters for top-layers; over
     the projected coordinates for project. A g_V can be passed back to `score` only with a
     method of the same space (MethodSpec.gradient_space) and the same preconditioner.
-    `max_batch_tokens` bounds rows x width of one batched forward (memory per batch).
+    `memory_budget` (bytes, a fraction of the device's memory, or their text: "4GiB", "0.8") bounds the
+    working memory of every pass; `max_batch_tokens`, when set, bounds rows x width of one batched
+    forward instead. Both are attributes a caller may change between requests (memory_budget through
+    set_memory_budget); neither changes any score.
     """
 
     def __init__(
@@ -92,10 +104,13 @@ class ScoringEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         *,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        memory_budget: str | int | float | MemoryBudget = DEFAULT_MEMORY_BUDGET,
+        max_batch_tokens: int | None = None,
         projection_seed: int = 0,
     ):
         self.device = parse_device(device)
+        if self.device.type == "cpu":
+            map_large_blocks()  # freed activations go back to the system: memory follows the plan
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -104,7 +119,11 @@ class ScoringEngine:
         self.numels = [p.numel() for p in self.params]
         self.gradient_dtype = accumulation_dtype(dtype)
         self._vocab_size = self.model.get_input_embeddings().num_embeddings
-        self.max_batch_tokens = max_batch_tokens
+        self.memory_budget = parse_memory_budget(memory_budget)
+        self.max_batch_tokens = max_batch_tokens  # None: batches sized by the memory budget
+        self.head_chunk_tokens: int | None = None  # None: lm_head's chunk sized by the memory budget
+        self.chunked_logits = True  # False: a batch's logits at once (the earlier path, kept as a reference)
+        self._cost_model: CostModel | None = None
         self.projection_seed = projection_seed
         self.layout = inspect_model(self.model, self.params)
         if not self.layout.supported:
@@ -216,33 +235,80 @@ class ScoringEngine:
     def plain_backward(self, rollouts: Sequence[RolloutRecord]) -> None:
         """One ordinary forward and backward over the rollouts' non-zero-advantage groups (their losses L_i
         summed), batched as exact batches them, every parameter gradient computed by autograd and dropped:
-        the cost floor that exact scoring is measured against (`gradalign bench scoring`)."""
+        the cost floor that exact scoring is measured against (`gradalign bench scoring`). Its memory is
+        exact's batches' and a full gradient besides: a reference of time, not planned within the budget."""
         if not self.batched:
             raise InvalidInputError(f"the batched path does not support this model ({self.layout.reason})")
         self._check_token_ids(rollouts)
         groups = [g for g in groups_of(rollouts, "candidate") if not g.zero_advantage]
         indices = list(range(len(self.params)))
-        for batch in self.batches(groups, None):
-            plain_gradient(self.layout, [batch], indices)
+        plan = self.plan(groups, COLLECT)
+        for batch in self.batches(groups, None, plan):
+            plain_gradient(self.layout, [batch], indices, head_chunk_tokens=self._head_chunk(plan))
+            self._after_batch()
+
+    # ------------------------------------------------------------------ memory
+
+    def set_memory_budget(self, budget: str | int | float | MemoryBudget) -> None:
+        """Use `budget` for the passes from now on (InvalidInputError if it is not a budget)."""
+        self.memory_budget = parse_memory_budget(budget)
+
+    @property
+    def cost_model(self) -> CostModel:
+        """The model's memory cost model (services.scoring.memory_plan), probed on first use."""
+        if self._cost_model is None:
+            self._cost_model = probe_cost_model(self.layout)
+        return self._cost_model
+
+    def plan(self, groups: Sequence[Group], path: str = COLLECT) -> BatchPlan:
+        """How a pass over `groups` (COLLECT: per-group statistics; PLAIN: a summed gradient) is cut within
+        the memory budget, with the max_batch_tokens and head_chunk_tokens overrides when set."""
+        budget = self.memory_budget.working_bytes(self.device)
+        largest = max((g.n_response_tokens for g in groups), default=0)
+        plan = plan_pass(self.cost_model, budget, path, largest)
+        if self.max_batch_tokens is None and not plan.fits(1, 2):
+            log.warning("memory_budget_below_one_response", budget_bytes=budget, fixed_bytes=plan.fixed,
+                        budget=str(self.memory_budget))
+        if self.max_batch_tokens is not None:
+            plan = replace(plan, token_limit=self.max_batch_tokens)
+        if self.head_chunk_tokens is not None:
+            plan = replace(plan, head_chunk_tokens=self.head_chunk_tokens)
+        return plan
+
+    def _head_chunk(self, plan: BatchPlan) -> int | None:
+        return plan.head_chunk_tokens if self.chunked_logits else None
+
+    def _after_batch(self) -> None:
+        if self.device.type == "cpu":
+            release_freed_memory()  # what one batch freed cannot pile up under the next
 
     # ------------------------------------------------------------------ what the methods share
 
-    def batches(self, groups: Sequence[Group], denominator: int | None) -> Iterator[Batch]:
-        """The groups' weighted responses (services.scoring.groups.weighted_responses) in batches."""
-        for chunks in plan_batches(weighted_responses(groups, denominator), self.max_batch_tokens):
+    def batches(self, groups: Sequence[Group], denominator: int | None, plan: BatchPlan | None = None) -> Iterator[Batch]:
+        """The groups' weighted responses (services.scoring.groups.weighted_responses) in batches of the plan."""
+        plan = plan or self.plan(groups)
+        for chunks in plan_batches(weighted_responses(groups, denominator), plan.fits):
             yield self._batch(chunks)
 
-    def collect(self, groups: list[Group], collector, tracked: list[int], cut: int | None) -> Iterator:
+    def run_batch(self, batch: Batch, collector, tracked: list[int], cut: int | None, plan: BatchPlan) -> None:
+        """One forward and backward of `batch`, the collector's hooks seeing the tracked parameters
+        (services.scoring.passes.run_batch), lm_head in the plan's chunks."""
+        run_batch(self.layout, batch, collector, tracked, cut, self._head_chunk(plan))
+        self._after_batch()
+
+    def collect(self, groups: list[Group], collector, tracked: list[int], cut: int | None,
+                plan: BatchPlan | None = None) -> Iterator:
         """The collector's result for each group, in order, from batches of consecutive groups."""
+        plan = plan or self.plan(groups)
         results: dict[int, object] = {}
-        batches = plan_batches(weighted_responses(groups, None), self.max_batch_tokens)
+        batches = plan_batches(weighted_responses(groups, None), plan.fits)
         for key, group in enumerate(groups):
             while key not in results:
                 if not any(a != 0.0 for a in group.advantages):  # nothing of it survives the weighting
                     results[key] = collector.empty_result()
                     break
                 batch = self._batch(next(batches))
-                run_batch(self.layout, batch, collector, tracked, cut)
+                self.run_batch(batch, collector, tracked, cut, plan)
                 results.update(collector.finish())
             yield results.pop(key)
 
@@ -254,12 +320,12 @@ class ScoringEngine:
         by ordinary autograd in batches, preconditioned when given, as one flat vector."""
         live = [g for g in groups if not g.zero_advantage]
         done = len(groups) - len(live)
-        chunk_lists = list(plan_batches(weighted_responses(live, n_tokens), self.max_batch_tokens))
+        plan = self.plan(live, PLAIN)
+        chunk_lists = list(plan_batches(weighted_responses(live, n_tokens), plan.fits))
         total = [torch.zeros_like(self.params[i], dtype=self.gradient_dtype) for i in indices]
         for chunks in chunk_lists:
-            batch = self._batch(chunks)
-            for acc, g in zip(total, plain_gradient(self.layout, [batch], indices, cut)):
-                acc.add_(g)
+            plain_gradient(self.layout, [self._batch(chunks)], indices, cut, self._head_chunk(plan), total)
+            self._after_batch()
             if progress is not None:
                 for chunk in chunks:
                     if chunk.last:

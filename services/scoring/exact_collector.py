@@ -12,6 +12,9 @@ input and its output gradient, so each group's share is separated on the fly in 
   <G_g, V> = sum_t <dY_t, V X_t>.
 - nn.Linear bias: the per-group sum of dY.
 - RMSNorm weight (y = w * x_hat): the per-group sum of dY * x_hat, x_hat = y / w.
+- lm_head weight, from chunks of tokens (services.scoring.head_loss): per group, the dense
+  gradient in slices of the vocabulary or the token-Gram form (services.scoring.head_signals);
+  a group whose tokens span several chunks accumulates its dense gradient until its last piece.
 - nn.Embedding weight: the group's output gradients scattered onto its token ids (rows).
 - A weight tied between the embedding and lm_head counts once: its per-group gradient is
   A_g + S_g (lm_head's dense part, the embedding's rows), and ||A_g + S_g||^2 =
@@ -27,9 +30,13 @@ densely (one gradient's memory) until its last chunk.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from services.scoring.batching import ROWS, TOKENS, Batch
+from services.scoring.head_signals import (accumulate_gradient, dense_signals, gram_is_cheaper, gram_signals, rows_at,
+                                           tensor_signals, vocabulary_step)
 from services.scoring.layout import ModelLayout, normalized_input
 
 
@@ -66,6 +73,8 @@ class ExactCollector:
         self._pending: dict[int, torch.Tensor] = {}  # tied weight, per slot: the first use's rows
         self._pending_all: list[torch.Tensor] = []  # tied weight, all slots in order: the first use's rows
         self._all_complete = all(c.complete for c in batch.chunks)
+        self._head_partial: dict[int, dict[str, tuple[int, torch.Tensor]]] = {}  # slots spanning head chunks
+        self._token_ends = [t1 for _, t1 in batch.token_ranges]
 
     @staticmethod
     def empty_result() -> tuple[float, float]:
@@ -189,6 +198,82 @@ class ExactCollector:
                     self._dense_many(lo, w, torch.bmm(ds[lo : lo + step].transpose(1, 2), xs[lo : lo + step]))
         if b is not None:
             self._dense_many(0, b, batch.slot_sums(dy, layout, self.acc))
+
+    def head(self, w: int | None, b: int | None, t0: int, t1: int, h: torch.Tensor, dz: torch.Tensor) -> None:
+        """lm_head's input and output gradient at the batch's selected tokens t0 .. t1 - 1 (whole slots, or a
+        piece of one: services.scoring.head_loss.head_chunks)."""
+        batch = self.batch
+        step = vocabulary_step(h.shape[1], torch.finfo(self.acc).bits // 8, self.chunk_bytes)
+        for s in range(bisect.bisect_right(self._token_ends, t0), batch.n_slots):
+            a0, a1 = batch.token_ranges[s]
+            if a0 >= t1:
+                break
+            lo, hi = max(a0, t0), min(a1, t1)
+            hs, ds = h[lo - t0 : hi - t0], dz[lo - t0 : hi - t0]
+            chunk = batch.chunks[s]
+            if not chunk.complete:  # the group spans batches: its dense gradient accumulates
+                if w is not None:
+                    accumulate_gradient(self._buffer(chunk.key, w), ds, hs, step)
+                if b is not None:
+                    self._buffer(chunk.key, b).add_(ds.sum(0).to(self.acc))
+            elif (lo, hi) == (a0, a1):
+                self._head_slot(s, w, b, hs, ds, step)
+            else:  # the slot spans head chunks: its dense gradient accumulates until its last piece
+                partial = self._head_partial.setdefault(s, {})
+                if w is not None:
+                    if "w" not in partial:
+                        partial["w"] = (w, torch.zeros_like(self.v[w]))
+                    accumulate_gradient(partial["w"][1], ds, hs, step)
+                if b is not None:
+                    if "b" not in partial:
+                        partial["b"] = (b, torch.zeros_like(self.v[b]))
+                    partial["b"][1].add_(ds.sum(0).to(self.acc))
+                if hi == a1:
+                    self._head_finish(s, self._head_partial.pop(s), step)
+
+    def _head_slot(self, s: int, w: int | None, b: int | None, h: torch.Tensor, dz: torch.Tensor, step: int) -> None:
+        if w is not None:
+            v, c = self.v[w], None if self.c is None else self.c[w]
+            if self._head_uses_gram(w, h.shape[0]):
+                dot, sq = gram_signals(dz, h, v, self.acc, step)
+            else:
+                dot, sq = dense_signals(dz, h, v, c, self.acc, step)
+            self._dot[s] += dot
+            self._sq[s] += sq
+            if w == self.tied:
+                ids = self.batch.embedding_rows(s)[1]
+                rows = rows_at(dz, h, ids, self.acc)
+                self._tied_rows(s, rows if c is None else rows * c[ids])
+        if b is not None:
+            self._dense(s, b, dz.sum(0))
+
+    def _head_finish(self, s: int, partial: dict[str, tuple[int, torch.Tensor]], step: int) -> None:
+        """Slot s's lm_head statistics from its densely accumulated gradient."""
+        if "w" in partial:
+            w, g = partial["w"]
+            c = None if self.c is None else self.c[w]
+            dot, sq = tensor_signals(g, self.v[w], c, step)
+            self._dot[s] += dot
+            self._sq[s] += sq
+            if w == self.tied:
+                ids = self.batch.embedding_rows(s)[1]
+                self._tied_rows(s, g[ids] if c is None else g[ids] * c[ids])
+        if "b" in partial:
+            self._dense(s, *partial["b"])
+
+    def _head_uses_gram(self, w: int, n_tokens: int) -> bool:
+        if self.c is not None:
+            return False
+        if self.strategy != "auto":
+            return self.strategy == "gram"
+        return gram_is_cheaper(n_tokens, *self.v[w].shape)
+
+    def _tied_rows(self, s: int, rows: torch.Tensor) -> None:
+        """lm_head's rows (preconditioned) at slot s's token ids, for the tied weight's cross term."""
+        if self._all_complete:
+            self._pending_all.append(rows)
+        else:
+            self._cross(s, rows)
 
     def norm(self, w: int, eps: float, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> None:
         xhat = normalized_input(self.layout, w, eps, x, y, self._divisible, self.acc)

@@ -3,9 +3,11 @@
 For response tokens t with weights w_t (an advantage A_j, or A_j / denominator) and the model's
 logits at the position before each token,
     loss = - sum_t w_t log p(target_t),
-with log-softmax taken in float32 or wider (float64 for a float64 model). The batched path
-(services.scoring.passes) and the one-group-per-backward path (services.scoring.exact_loop)
-both call `policy_gradient_loss`, so exact and exact-loop score the same loss.
+with log-softmax taken in float32 or wider (float64 for a float64 model). The one-group-per-backward
+path (services.scoring.exact_loop) and the batched path with materialised logits call
+`policy_gradient_loss`; the batched path's default, lm_head in chunks of tokens
+(services.scoring.head_loss), takes the same log-softmax of the same logits chunk by chunk, and the
+scoring-exact tests hold the two to each other and to an independent autograd reference.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from gradalign_common.scoring_methods import FAMILIES, MethodSpec, parse_method
 from services.scoring import exact_loop
 from services.scoring.exact_collector import ExactCollector
 from services.scoring.groups import Group, subsample
-from services.scoring.passes import run_batch
 from services.scoring.projection import ProjectionCollector
 from services.scoring.score_records import ProgressCallback
 
@@ -97,9 +96,11 @@ def collected_signals(engine, groups, spec, g_v, preconditioner, seed) -> Signal
     cut, tracked = get_method(spec).parameters(engine, spec)
     vector = g_v()
     v = dict(zip(tracked, (t.view_as(engine.params[i]) for i, t in zip(tracked, engine.split(vector, tracked)))))
+    plan = engine.plan(groups)
     collector = ExactCollector(engine.layout, v, engine.preconditioner_factors(preconditioner, tracked),
-                               strategy=engine.linear_strategy, accumulate_dtype=engine.gradient_dtype)
-    yield from engine.collect(groups, collector, tracked, cut)
+                               strategy=engine.linear_strategy, accumulate_dtype=engine.gradient_dtype,
+                               chunk_bytes=plan.slice_bytes)
+    yield from engine.collect(groups, collector, tracked, cut, plan)
 
 
 # ----------------------------------------------------------------------------- the families
@@ -143,8 +144,10 @@ def _projected_validation_gradient(engine, groups, n_tokens, spec, preconditione
     tracked, collector = _projection_collector(engine, spec, preconditioner)
     total = torch.zeros(collector.plan.size, dtype=engine.gradient_dtype, device=engine.device)
     done = sum(g.zero_advantage for g in groups)
-    for batch in engine.batches([g for g in groups if not g.zero_advantage], n_tokens):
-        run_batch(engine.layout, batch, collector, tracked)
+    live = [g for g in groups if not g.zero_advantage]
+    plan = engine.plan(live)
+    for batch in engine.batches(live, n_tokens, plan):
+        engine.run_batch(batch, collector, tracked, None, plan)
         for features in collector.finish().values():
             total += features
             done += 1

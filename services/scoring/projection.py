@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from services.scoring.batching import ROWS, Batch
+from services.scoring.batching import ROWS, TOKENS, Batch
 from services.scoring.layout import ModelLayout, normalized_input
 
 
@@ -109,18 +109,41 @@ class ProjectionCollector:
         return t @ p
 
     def linear(self, w: int | None, b: int | None, x: torch.Tensor, dy: torch.Tensor, layout: str) -> None:
-        batch = self.batch
         if w is not None:
-            xp = batch.padded(self._project(w, x, "in"), layout)  # [slots, tokens, k]
-            dp = batch.padded(self._project(w, dy, "out"), layout)
-            lo, hi = self.plan.offsets[w]
-            self.features[:, lo:hi] += torch.bmm(dp.transpose(1, 2), xp).reshape(batch.n_slots, -1)
+            self._add_weight(w, self._project(w, x, "in"), self._project(w, dy, "out"), layout)
         if b is not None:
-            sums = batch.slot_sums(dy, layout, self.dtype)
-            if self.c is not None:
-                sums = sums * self.c[b].to(self.dtype)
-            lo, hi = self.plan.offsets[b]
-            self.features[:, lo:hi] += sums @ self.plan.p_out[self.plan.bias_of[b]]
+            self._add_bias(b, self.batch.slot_sums(dy, layout, self.dtype))
+
+    def head(self, w: int | None, b: int | None, t0: int, t1: int, h: torch.Tensor, dz: torch.Tensor) -> None:
+        """lm_head's input and output gradient at the batch's selected tokens t0 .. t1 - 1 (chunks in order):
+        projected ([tokens, k]) and summed per slot, then added to the features after the last chunk."""
+        batch = self.batch
+        if t0 == 0:
+            self._head_in, self._head_out, self._head_bias = [], [], None
+        if w is not None:
+            self._head_in.append(self._project(w, h, "in"))
+            self._head_out.append(self._project(w, dz, "out"))
+        if b is not None:
+            sums = batch.onehot(TOKENS, self.dtype)[:, t0:t1] @ dz.to(self.dtype)
+            self._head_bias = sums if self._head_bias is None else self._head_bias + sums
+        if t1 == batch.n_tokens:
+            if w is not None:
+                self._add_weight(w, torch.cat(self._head_in), torch.cat(self._head_out), TOKENS)
+            if b is not None:
+                self._add_bias(b, self._head_bias)
+            self._head_in, self._head_out, self._head_bias = [], [], None
+
+    def _add_weight(self, w: int, x_projected: torch.Tensor, dy_projected: torch.Tensor, layout: str) -> None:
+        xp = self.batch.padded(x_projected, layout)  # [slots, tokens, k]
+        dp = self.batch.padded(dy_projected, layout)
+        lo, hi = self.plan.offsets[w]
+        self.features[:, lo:hi] += torch.bmm(dp.transpose(1, 2), xp).reshape(self.batch.n_slots, -1)
+
+    def _add_bias(self, b: int, sums: torch.Tensor) -> None:
+        if self.c is not None:
+            sums = sums * self.c[b].to(self.dtype)
+        lo, hi = self.plan.offsets[b]
+        self.features[:, lo:hi] += sums @ self.plan.p_out[self.plan.bias_of[b]]
 
     def norm(self, w: int, eps: float, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> None:
         xhat = normalized_input(self.layout, w, eps, x, y, self._divisible, self.dtype)

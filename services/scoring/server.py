@@ -4,8 +4,9 @@ The service keeps one model loaded and swaps it only when a request names a diff
 checkpoint (its path, or the mtime of its config or weights, changed). It caches the
 last validation gradient, keyed on (checkpoint, dtype, validation files and their mtimes,
 the method's gradient space, the optimizer state file and its mtime). Requests that need
-the model run one at a time. A request's `method` defaults to exact; approximate methods
-are used only when named. With `optimizer_state_path`, gradients are preconditioned by the
+the model run one at a time, each within its memory budget (the request's, else the service's
+memory_budget setting; gradalign_common.memory_budget). A request's `method` defaults to exact;
+approximate methods are used only when named. With `optimizer_state_path`, gradients are preconditioned by the
 trainer's Adam second moments (gradalign_common.optimizer_state).
 
 For align (validation = the candidates' own rollouts) a sharded round passes every
@@ -47,6 +48,7 @@ from gradalign_common.scoring_methods import MethodSpec, parse_method
 from gradalign_common.selection import get_mode
 from services.scoring.engine import Preconditioner, ScoringEngine
 from services.scoring.gradient_source import GradientSource, gradient_source
+from gradalign_common.memory_budget import parse_memory_budget
 from services.scoring.score_request import score_request
 from services.scoring.settings import ScoringSettings
 
@@ -122,6 +124,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         mode = get_mode(request.mode)
         method = parse_method(request.method or "exact")
         dtype = dtype_on(request.dtype or self.settings.dtype, self.settings.device)
+        memory_budget = parse_memory_budget(request.memory_budget or self.settings.memory_budget)
         source = gradient_source(mode, bool(request.validation_paths), "validation_paths")
         needs_model = source is not GradientSource.NONE
         if needs_model and not request.checkpoint:
@@ -138,6 +141,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
 
         def engine() -> ScoringEngine:
             loaded = self._engine(request.checkpoint, dtype)
+            loaded.set_memory_budget(memory_budget)
             stop_if_cancelled(context, "after loading the checkpoint")
             return loaded
 
@@ -183,7 +187,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             self._validation_cache = None
             log.info("loading_checkpoint", checkpoint=checkpoint, dtype=str(dtype))
             engine = ScoringEngine.from_pretrained(
-                checkpoint, device=self.settings.device, dtype=dtype, max_batch_tokens=self.settings.max_batch_tokens
+                checkpoint, device=self.settings.device, dtype=dtype, memory_budget=self.settings.memory_budget,
+                max_batch_tokens=self.settings.max_batch_tokens,
             )
             self._loaded = _LoadedModel(fingerprint, engine)
         return self._loaded.engine

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Optional
+
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from gradalign_common.errors import InvalidInputError
 from gradalign_common.settings import WorkerSettings
-from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
+from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, parse_memory_budget
 
 
 class ScoringSettings(WorkerSettings):
-    """The scoring worker's settings: the common worker settings, port 50052, the default model dtype and the
-    batch size (rows x width) of the batched exact scorer."""
+    """The scoring worker's settings: the common worker settings, port 50052, the default model dtype, the
+    memory budget of a scoring pass and, as an override, the batch size (rows x width) of the exact scorer."""
 
     model_config = SettingsConfigDict(env_prefix="GRADALIGN_SCORING_", extra="ignore")
 
@@ -21,6 +24,21 @@ class ScoringSettings(WorkerSettings):
         description="model dtype when a request names none: float32, bfloat16, float16, float64, or auto "
         "(bfloat16 on CUDA, float32 on CPU)",
     )
-    max_batch_tokens: int = Field(
-        default=DEFAULT_MAX_BATCH_TOKENS, ge=1, description="rows x width of one batched forward of the exact scorer"
+    memory_budget: str = Field(
+        default=DEFAULT_MEMORY_BUDGET,
+        description="working memory of a scoring pass on top of the loaded model, when a request names none: bytes "
+        "(24GiB, 512MB) or a fraction of the device's memory (0.8, 80%); batches are planned to stay within it",
     )
+    max_batch_tokens: Optional[int] = Field(
+        default=None, ge=1,
+        description="override: rows x width of one batched forward of the exact scorer, instead of the memory budget",
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _is_a_memory_budget(cls, value: str) -> str:
+        try:
+            parse_memory_budget(value)
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
+        return value
