@@ -15,6 +15,7 @@ gradients), which is what batch planning (services.scoring.memory_plan) controls
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # torch only where a budget is turned into bytes: the schedul
     import torch
 
 DEFAULT_MEMORY_BUDGET = "0.75"
+MAX_BUDGET_BYTES = 1 << 60  # an exbibyte: anything larger is a typo, and would overflow the planner's integers
 
 _UNITS = {
     "": 1, "b": 1,
@@ -75,14 +77,18 @@ def parse_memory_budget(value: "str | int | float | MemoryBudget") -> MemoryBudg
     if isinstance(value, bool):
         raise InvalidInputError(f"not a memory budget: {value!r}")
     if isinstance(value, int):
+        if value > MAX_BUDGET_BYTES:
+            raise InvalidInputError(f"not a memory budget: {value!r} (more than {MAX_BUDGET_BYTES >> 50} PiB)")
         return MemoryBudget(bytes=value) if value > 1 else MemoryBudget(fraction=float(value))
     if isinstance(value, float):
+        if not math.isfinite(value) or value > MAX_BUDGET_BYTES:
+            raise InvalidInputError(f"not a memory budget: {value!r}")
         return MemoryBudget(fraction=value) if value <= 1.0 else MemoryBudget(bytes=int(value))
     text = str(value).strip().lower()
     if text.endswith("%"):
         try:
             return MemoryBudget(fraction=float(text[:-1]) / 100.0)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise InvalidInputError(f"not a memory budget: {value!r}") from None
     match = _PATTERN.match(text)
     if match is None or match.group(2) not in _UNITS:
@@ -92,6 +98,8 @@ def parse_memory_budget(value: "str | int | float | MemoryBudget") -> MemoryBudg
     number, unit = float(match.group(1)), match.group(2)
     if unit == "" and number <= 1.0:
         return MemoryBudget(fraction=number)
+    if not math.isfinite(number * _UNITS[unit]) or number * _UNITS[unit] > MAX_BUDGET_BYTES:
+        raise InvalidInputError(f"not a memory budget: {value!r} (more than {MAX_BUDGET_BYTES >> 50} PiB)")
     return MemoryBudget(bytes=int(number * _UNITS[unit]))
 
 

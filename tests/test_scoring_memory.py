@@ -43,7 +43,8 @@ def test_memory_budgets_in_bytes_or_as_a_fraction():
     assert parse_memory_budget("80%") == MemoryBudget(fraction=0.8)
     assert parse_memory_budget(0.5) == MemoryBudget(fraction=0.5)
     assert parse_memory_budget("1") == MemoryBudget(fraction=1.0)
-    for bad in ["", "lots", "4 parsecs", "0", "-1GiB", "150%", "0%", True]:
+    for bad in ["", "lots", "4 parsecs", "0", "-1GiB", "150%", "0%", True, "1e999", "1e999GiB", "9" * 40, "nan%",
+                float("inf"), float("nan"), 10**30, "2000PiB"]:
         with pytest.raises(InvalidInputError):
             parse_memory_budget(bad)
 
