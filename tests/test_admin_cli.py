@@ -13,7 +13,7 @@ def test_db_upgrade_and_tokens(tmp_path, database_url):
     res = runner.invoke(app, ["db", "upgrade", "--database-url", database_url])
     assert res.exit_code == 0, res.output
     engine = make_engine(database_url)
-    assert current_revision(engine) == "0003"  # the newest migration
+    assert current_revision(engine) == "0004"  # the newest migration
     assert runner.invoke(app, ["db", "upgrade", "--database-url", database_url]).exit_code == 0  # idempotent
 
     res = runner.invoke(app, ["token", "create", "--name", "ci", "--database-url", database_url])

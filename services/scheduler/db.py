@@ -94,6 +94,13 @@ class Round(Base):
     candidate_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     overhead_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the round's walk over the pool (gradalign_common.round_policy.draw_chunk): start and next cursor (modulo the
+    # pool size), candidates skipped as dead and what that saved; null for rounds stored before migration 0004
+    chunk_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    chunk_end: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    skipped_candidates: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rollouts_saved: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_saved: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
 

@@ -48,6 +48,16 @@ class RoundOut(BaseModel):
     candidate_accuracy: float | None
     compute_seconds: float
     overhead_seconds: float | None
+    skipped_candidates: int | None = Field(
+        default=None, description="dead problems (zero advantage in their recent rounds) left out of this round's chunk by "
+        "skip_dead and replaced from the pool; 0 with skipping off; null for rounds from before the count existed",
+    )
+    rollouts_saved: int | None = Field(default=None, description="responses not generated: skipped_candidates x n_samples_train")
+    tokens_saved: float | None = Field(
+        default=None, description="generated tokens saved, estimated from the skipped problems' last mean response length",
+    )
+    chunk_start: int | None = Field(default=None, description="pool position (modulo the pool size) where the round's chunk began")
+    chunk_end: int | None = Field(default=None, description="pool position where the next round's chunk begins")
     started_at: UtcDatetime
     finished_at: UtcDatetime | None
     stages: list[StageOut]

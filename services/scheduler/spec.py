@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.memory_budget import parse_memory_budget
+from gradalign_common.round_policy import DEFAULT_SKIP_BASE, DEFAULT_SKIP_CAP, SkipDead
 from gradalign_common.scoring_methods import parse_method
 from gradalign_common.selection import mode_names
 
@@ -71,6 +72,20 @@ class ExperimentSpec(BaseModel):
         default=None, max_length=32,
         description="working memory of a scoring pass on top of the model: bytes (24GiB, 512MB) or a fraction of the "
         "scoring device's memory (0.8, 80%); batches are planned within it; None: the scoring service's setting",
+    )
+    skip_dead: bool = Field(
+        default=False,
+        description="skip dead problems before rollout (after GRESO): a candidate scored with zero advantage in its recent "
+        "rounds is left out of the next chunk with probability min(skip_dead_cap, 1 - (1 - skip_dead_base) ** streak) "
+        "and the chunk is filled from the pool instead; off by default",
+    )
+    skip_dead_base: float = Field(
+        default=DEFAULT_SKIP_BASE, gt=0.0, le=1.0,
+        description="with skip_dead: the skip probability after one zero-advantage round (it grows with the streak)",
+    )
+    skip_dead_cap: float = Field(
+        default=DEFAULT_SKIP_CAP, ge=0.0, lt=1.0,
+        description="with skip_dead: the largest skip probability, below 1 so a dead problem is re-tried now and then",
     )
 
     @field_validator("*", mode="before")
@@ -137,6 +152,10 @@ class ExperimentSpec(BaseModel):
                 f"(k * train_batch_size * iters_per_select) % chunk_size must be 0; got ({k} * {b} * {v}) % {m} = {(k * b * v) % m}"
             )
         return v
+
+    def skip_setting(self) -> SkipDead:
+        """The round policy's skip setting (gradalign_common.round_policy.draw_chunk)."""
+        return SkipDead(enabled=self.skip_dead, base=self.skip_dead_base, cap=self.skip_dead_cap)
 
     def scoring_dtype_request(self) -> str:
         """The dtype to put in score requests: "" leaves it to the scoring service's setting (auto)."""

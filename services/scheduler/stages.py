@@ -27,11 +27,12 @@ from gradalign_common.artifacts import ArtifactStore
 from gradalign_common.pb import rollout_pb2, scoring_pb2, training_pb2
 from gradalign_common.logging_setup import get_logger
 from gradalign_common.records import Problem, ScoreRecord, write_problems
-from gradalign_common.round_policy import FALLBACK_MODE, chunk_positions, scoring_mode, select_round, stage_seed
+from gradalign_common.round_policy import FALLBACK_MODE, ChunkDraw, scoring_mode, select_round, stage_seed
 from gradalign_common.selection import ValidationSource, get_mode
 from services.scheduler import workers
 from services.scheduler.bulk import insert_candidates, update_candidates
-from services.scheduler.db import Candidate, Experiment, PoolProblem, Round, Stage, TrainStep
+from services.scheduler.db import Candidate, Round, Stage, TrainStep
+from services.scheduler.round_chunks import draw_round_chunk
 from services.scheduler.spec import StoredSpec
 from services.scheduler.workers import WorkerRejected
 
@@ -41,10 +42,13 @@ log = get_logger("gradalign.stages")
 # ---- typed results ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RolloutResult:
-    """rollout_train: the candidates' rollout shards."""
+    """rollout_train: the candidates' rollout shards, and the round's walk over the pool (round_policy.draw_chunk)."""
 
     paths: list[str]
     n_problems: int
+    chunk_start: int | None = None  # pool cursor (modulo the pool size) where the walk began
+    chunk_end: int | None = None  # where the next round's walk begins
+    skipped: list[str] = dataclasses.field(default_factory=list)  # dead problems left out of the chunk
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class StageRuntime:
 # ---- the stages -----------------------------------------------------------------------------
 def rollout_train(rt: StageRuntime) -> StageOutcome:
     spec = rt.spec
-    problems = _chunk_problems(rt)
+    problems, draw = _chunk_problems(rt)
     paths, stats, compute = _generate(rt, "rollout_train", problems, n=spec.n_samples_train, seed=rt.seed("rollout_train"))
     with rt.platform.sessions() as s:
         s.execute(delete(Candidate).where(Candidate.round_id == rt.round_id))
@@ -173,7 +177,8 @@ def rollout_train(rt: StageRuntime) -> StageOutcome:
         )
         s.get(Round, rt.round_id).candidate_accuracy = weighted_accuracy(stats)
         s.commit()
-    return StageOutcome(RolloutResult(paths=paths, n_problems=len(problems)), compute)
+    result = RolloutResult(paths=paths, n_problems=len(problems), chunk_start=draw.start, chunk_end=draw.end, skipped=draw.skipped)
+    return StageOutcome(result, compute)
 
 
 def rollout_val(rt: StageRuntime) -> StageOutcome:
@@ -382,19 +387,12 @@ def _generate(rt: StageRuntime, stage: str, problems: list[Problem], n: int, see
     return [r.output_path for r in results], stats, max(r.compute_seconds for r in results)
 
 
-def _chunk_problems(rt: StageRuntime) -> list[Problem]:
-    """Round r's candidates (gradalign_common.round_policy.chunk_positions over the stored pool order)."""
+def _chunk_problems(rt: StageRuntime) -> tuple[list[Problem], ChunkDraw]:
+    """Round r's candidates by the round policy (services.scheduler.round_chunks.draw_round_chunk)."""
     with rt.platform.sessions() as s:
-        pool_size = s.get(Experiment, rt.experiment_id).pool_size
-        positions = chunk_positions(rt.round_index, rt.spec.chunk_size, pool_size)
-        rows = s.execute(
-            sql_select(PoolProblem.position, PoolProblem.problem_id).where(
-                PoolProblem.experiment_id == rt.experiment_id, PoolProblem.position.in_(set(positions))
-            )
-        ).all()
-    at = dict(rows)
+        draw = draw_round_chunk(s, rt.experiment_id, rt.round_id, rt.round_index, rt.spec, rt.seed("skip_dead"))
     pool = rt.platform.dataset(rt.spec.train_dataset_path)
-    return [pool[pid] for pid in dict.fromkeys(at[p] for p in positions)]
+    return [pool[pid] for pid in draw.ids], draw
 
 
 def run_parallel(fn, jobs: list) -> list:

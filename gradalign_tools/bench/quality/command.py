@@ -33,6 +33,10 @@ def quality_command(
     model_cache: Optional[Path] = typer.Option(None, "--model-cache", help="warm-started model cache (default: <results>/models); share it between regimes"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: the config's)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+    skip_dead: Optional[str] = typer.Option(
+        None, "--skip-dead", help="on / off: override the config's loop.skip_dead.enabled; both: each run without "
+        "(<results>/no-skip) and with skipping (<results>/skip), paired in <results>/skipping.md"
+    ),
 ) -> None:
     """Selection quality: every mode x seed through the real rollout, scoring, selection and training
     code on a regime with bad data; held-out test accuracy per round, tables and plots. Resumable."""
@@ -49,7 +53,19 @@ def quality_command(
         raise typer.Exit(2)
     if threads is not None:
         cfg["threads"] = threads
+    if skip_dead not in (None, "on", "off", "both"):
+        typer.echo(f"error: --skip-dead must be on, off or both, got {skip_dead!r}", err=True)
+        raise typer.Exit(2)
     started = time.perf_counter()
+    if skip_dead == "both":
+        from gradalign_tools.bench.quality.skipping import run_skip_comparison
+
+        run_skip_comparison(cfg, results, seeds=seed_list, modes=mode_list, model_cache=model_cache, progress=progress, echo=typer.echo)
+        typer.echo((results / "skipping.md").read_text())
+        typer.echo(f"wrote {results / 'skipping.md'}, {results / 'skipping.csv'} in {time.perf_counter() - started:.0f} s")
+        return
+    if skip_dead is not None:
+        cfg["loop"]["skip_dead"]["enabled"] = skip_dead == "on"
     run_benchmark(cfg, results, seeds=seed_list, modes=mode_list, model_cache=model_cache, progress=progress, echo=typer.echo)
     typer.echo((results / "summary.md").read_text())
     typer.echo(f"wrote {results / 'summary.md'}, {results / 'summary.csv'}, {results / 'accuracy.png'}, "

@@ -67,6 +67,14 @@ class Data(_Section):
     track: Track = Track()
 
 
+class SkipDeadSection(_Section):
+    """Skipping dead problems before rollout (gradalign_common.round_policy.draw_chunk; the scheduler's skip_dead)."""
+
+    enabled: bool = False
+    base: Number = 0.5  # skip probability after one zero-advantage round
+    cap: Number = 0.9  # the largest skip probability (< 1)
+
+
 class Loop(_Section):
     rounds: int = 8
     chunk_size: int = 128
@@ -78,6 +86,7 @@ class Loop(_Section):
     top_p: Number = 1.0
     generation_batch_size: int = 128
     scoring_method: str = "exact"
+    skip_dead: SkipDeadSection = SkipDeadSection()
 
 
 class Train(_Section):
@@ -193,6 +202,10 @@ def check_config(config: dict) -> None:
         raise InvalidInputError(
             f"config: chunk_size // k = {keep} problems are selected per round, fewer than train.batch_size {train['batch_size']}"
         )
+    try:
+        skip_setting(config)
+    except ValueError as exc:
+        raise InvalidInputError(f"config: loop.skip_dead: {exc}") from None
     if loop["chunk_size"] > data["pool_size"]:
         raise InvalidInputError(f"config: loop.chunk_size {loop['chunk_size']} is larger than data.pool_size {data['pool_size']}")
     if not config["modes"]:
@@ -241,6 +254,18 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def skip_setting(config: dict):
+    """loop.skip_dead as the round policy's SkipDead (ValueError on a bad base or cap)."""
+    from gradalign_common.round_policy import SkipDead
+
+    skip = config["loop"]["skip_dead"]
+    return SkipDead(enabled=bool(skip["enabled"]), base=float(skip["base"]), cap=float(skip["cap"]))
+
+
 def run_hash(config: dict) -> str:
-    """Identity of a run's inputs: the config minus names, threads, modes and seeds."""
-    return digest({"format": RUN_FORMAT, **{k: v for k, v in config.items() if k not in _NOT_IN_RUN_HASH}})
+    """Identity of a run's inputs: the config minus names, threads, modes and seeds. loop.skip_dead counts only when
+    it is not the default (off), so runs made before the key existed keep their hash."""
+    hashed = {k: v for k, v in config.items() if k not in _NOT_IN_RUN_HASH}
+    if "loop" in hashed and hashed["loop"].get("skip_dead") == SkipDeadSection().model_dump():
+        hashed["loop"] = {k: v for k, v in hashed["loop"].items() if k != "skip_dead"}
+    return digest({"format": RUN_FORMAT, **hashed})

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 
 from gradalign_common.errors import ZeroValidationGradientError
-from gradalign_tools.bench.quality.config import RUN_FORMAT, grpo_config, run_hash
+from gradalign_tools.bench.quality.config import RUN_FORMAT, grpo_config, run_hash, skip_setting
 from gradalign_tools.bench.quality.flags import candidate_columns
 from gradalign_tools.bench.quality.stats import mean
 from gradalign_tools.bench.quality.warm_start import greedy_accuracy
@@ -68,7 +68,7 @@ def run_one(config: dict, mode_name: str, seed: int, model_dir: Path, on_round=N
     from gradalign_common.generation import Sampling, generate_rollouts
     from gradalign_common.modeling import load_model, load_tokenizer
     from gradalign_common.records import group_rollouts
-    from gradalign_common.round_policy import FALLBACK_MODE, chunk_ids, select_round, stage_seed
+    from gradalign_common.round_policy import FALLBACK_MODE, draw_chunk, select_round, stage_seed, update_streaks
     from gradalign_common.selection import get_mode
     from services.scoring.engine import ScoringEngine
     from services.trainer.grpo import GRPOTrainer
@@ -98,9 +98,13 @@ def run_one(config: dict, mode_name: str, seed: int, model_dir: Path, on_round=N
     val_greedy_accuracy = [val_greedy()]
     rounds: list[dict] = []
     pool_order = [p.problem_id for p in pool]
+    skip = skip_setting(config)  # off: chunk r is positions [rM, (r+1)M), as chunk_ids gives it
+    cursor, streaks = 0, {}  # where the next chunk's walk starts; each problem's zero-advantage streak
     for r in range(loop["rounds"]):
         t0 = time.perf_counter()
-        chunk = [by_id[pid] for pid in chunk_ids(pool_order, r, loop["chunk_size"])]
+        draw = draw_chunk(pool_order, cursor, loop["chunk_size"], streaks, skip, stage_seed(seed, r, "skip_dead"))
+        cursor = draw.end
+        chunk = [by_id[pid] for pid in draw.ids]
         candidates = generate_rollouts(
             model, tokenizer, chunk, sampling(loop["n_samples_train"], stage_seed(seed, r, "rollout_train")),
             loop["generation_batch_size"],
@@ -120,6 +124,7 @@ def run_one(config: dict, mode_name: str, seed: int, model_dir: Path, on_round=N
             fallback = str(exc)
             scores = list(engine.score(candidates, FALLBACK_MODE, seed=stage_seed(seed, r, "score")))
         chosen = select_round(scores, mode, loop["chunk_size"], loop["k"], fallback)
+        update_streaks(streaks, [(s.problem_id, s.zero_advantage) for s in scores])
         t2 = time.perf_counter()
         groups = group_rollouts(candidates)
         reuse = {pid: groups[pid] for pid in chosen} if train["reuse_rollouts"] else None
@@ -146,6 +151,15 @@ def run_one(config: dict, mode_name: str, seed: int, model_dir: Path, on_round=N
                 "selected_accuracy": mean([score_by_id[pid].accuracy for pid in chosen]),
                 "chunk_accuracy": mean([c.correct for c in candidates]),
                 "val_accuracy": val_accuracy,
+                # what the rollouts cost and what skipping dead problems left out (gradalign_common.round_policy)
+                "chunk_size": len(chunk),
+                "skipped": len(draw.skipped),
+                "skipped_ids": draw.skipped,
+                "chunk_zero_advantage": sum(s.zero_advantage for s in scores),
+                "rollout_tokens": sum(len(c.response_ids) for c in candidates),
+                "zero_advantage_tokens": sum(len(c.response_ids) for c in candidates if score_by_id[c.problem_id].zero_advantage),
+                "rollout_responses": len(candidates),
+                "val_rollout_tokens": sum(len(v.response_ids) for v in validation or ()),
                 "train_mean_reward": mean([s.mean_reward for s in metrics]),
                 "fallback": fallback,
                 "seconds": {
@@ -172,5 +186,9 @@ def run_one(config: dict, mode_name: str, seed: int, model_dir: Path, on_round=N
         "tracked_fraction": [x["tracked_fraction"] for x in rounds],
         "chunk_tracked_fraction": [x["chunk_tracked_fraction"] for x in rounds],
         "rounds": rounds,
+        "skip_dead": dict(config["loop"]["skip_dead"]),
+        "rollout_tokens": sum(x["rollout_tokens"] for x in rounds),
+        "zero_advantage_tokens": sum(x["zero_advantage_tokens"] for x in rounds),
+        "skipped": sum(x["skipped"] for x in rounds),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

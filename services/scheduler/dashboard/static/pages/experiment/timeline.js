@@ -1,14 +1,17 @@
-// The experiment page's rounds table: each stage's state, duration, attempts, queueing and progress.
+// The experiment page's rounds table: each stage's state, duration, attempts, queueing and progress; with
+// skip_dead on, the dead problems each round skipped before rollout and the rollouts that saved.
 
 import { fill, h } from "../../lib/dom.js";
 import { STAGES, badge, fmtDuration, fmtNum, fmtTime, parseTime, pluralUnit, stageDuration, stageLabel } from "../../lib/format.js";
 
 export function timelinePart(st) {
   const timeline = h("div", { id: "timeline", class: "table-wrap" });
-  const node = h("section", { "aria-labelledby": "timeline-h" }, h("h2", { id: "timeline-h" }, "Rounds"), timeline);
+  const skipSummary = h("p", { id: "skip-summary", class: "muted", hidden: true });
+  const node = h("section", { "aria-labelledby": "timeline-h" }, h("h2", { id: "timeline-h" }, "Rounds"), skipSummary, timeline);
 
   const renderTimeline = () => {
     const now = Date.now();
+    const showSkips = renderSkipSummary(skipSummary, st);
     if (!st.rounds.length) {
       fill(timeline, h("p", { class: "empty" }, "No rounds yet."));
       return;
@@ -67,6 +70,7 @@ export function timelinePart(st) {
         h("td", { class: "num" }, fmtNum(r.candidate_accuracy)),
         h("td", { class: "num" }, fmtDuration(wall)),
         h("td", { class: "num" }, fmtDuration(r.overhead_seconds)),
+        showSkips ? skipCell(r) : null,
       );
     });
     fill(timeline, 
@@ -77,7 +81,7 @@ export function timelinePart(st) {
         h(
           "thead",
           {},
-          h("tr", {}, h("th", { scope: "col" }, "Round"), STAGES.map((n) => h("th", { scope: "col" }, stageLabel(n))), ["Val. reward", "Cand. accuracy", "Wall time", "Overhead"].map((t) => h("th", { scope: "col" }, t))),
+          h("tr", {}, h("th", { scope: "col" }, "Round"), STAGES.map((n) => h("th", { scope: "col" }, stageLabel(n))), ["Val. reward", "Cand. accuracy", "Wall time", "Overhead"].map((t) => h("th", { scope: "col" }, t)), showSkips ? h("th", { scope: "col", title: "dead problems skipped before rollout, and the responses that saved" }, "Skipped") : null),
         ),
         h("tbody", {}, rows),
       ),
@@ -85,4 +89,35 @@ export function timelinePart(st) {
   };
 
   return { node, render: renderTimeline };
+}
+
+// the round's skipped candidates and the rollouts (responses) that saved; "—" before the chunk was drawn
+function skipCell(r) {
+  if (r.skipped_candidates === null || r.skipped_candidates === undefined) return h("td", { class: "num skip-cell" }, "—");
+  const tip = r.tokens_saved ? `about ${Math.round(r.tokens_saved)} generated tokens saved` : null;
+  return h(
+    "td",
+    { class: "num skip-cell", "data-skipped": r.skipped_candidates, "data-rollouts-saved": r.rollouts_saved, title: tip },
+    String(r.skipped_candidates),
+    h("br"),
+    h("span", { class: "muted" }, `${r.rollouts_saved ?? 0} rollouts`),
+  );
+}
+
+// whether the experiment skips dead problems (or some round did); the summary line over all rounds
+function renderSkipSummary(node, st) {
+  const on = Boolean(st.exp && st.exp.config && st.exp.config.skip_dead);
+  const counted = st.rounds.filter((r) => typeof r.skipped_candidates === "number");
+  const show = on || counted.some((r) => r.skipped_candidates > 0);
+  node.hidden = !show;
+  if (!show) return false;
+  const sum = (key) => counted.reduce((a, r) => a + (r[key] || 0), 0);
+  const cfg = (st.exp && st.exp.config) || {};
+  const rule = on ? ` (skip probability min(${cfg.skip_dead_cap}, 1 − (1 − ${cfg.skip_dead_base})^streak))` : "";
+  node.textContent =
+    `Skipping dead problems${rule}: ${sum("skipped_candidates")} candidates skipped, ${sum("rollouts_saved")} rollouts saved ` +
+    `(about ${Math.round(sum("tokens_saved"))} generated tokens) over ${counted.length} ${counted.length === 1 ? "round" : "rounds"}.`;
+  node.dataset.skipped = String(sum("skipped_candidates"));
+  node.dataset.rolloutsSaved = String(sum("rollouts_saved"));
+  return true;
 }
