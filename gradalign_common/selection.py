@@ -177,3 +177,17 @@ def _simacc(s: GroupSignals) -> float:
 def _negsim(s: GroupSignals) -> float:
     """cos(g_i, g_V), lowest first (an ablation: the least aligned candidates)."""
     return s.cosine
+
+
+SIMGATE_COSINE_WEIGHT = 1e-3  # below the smallest accuracy step of a group of up to 64 responses (1/64)
+
+
+@register_mode("simgate", needs_gradients=True, validation=ValidationSource.EXTERNAL, highest_first=True)
+def _simgate(s: GroupSignals) -> float:
+    """The gradient as a gate, the pass rate as the order: candidates aligned with the validation gradient
+    (cos > 0) first, accuracy closest to 0.5 first among them (ties by cosine), scored
+    2 - |acc - 0.5| + 0.001 cos in (1.5, 2.001]; then the rest by cosine (<= 0: zero-advantage candidates
+    at 0, before those that point against the validation gradient)."""
+    if s.cosine > 0.0:
+        return 2.0 - abs(s.accuracy - 0.5) + SIMGATE_COSINE_WEIGHT * s.cosine
+    return s.cosine

@@ -17,6 +17,7 @@ from services.scheduler.admin_cli import db_app, token_app
 from gradalign_tools.bench.rollout import rollout_command
 from gradalign_tools.bench.scoring import scoring_command
 from gradalign_tools.bench.quality import quality_command, quality_flags_command
+from gradalign_tools.bench.quality.sweep import quality_sweep_command
 from gradalign_tools.data_cli import data_app
 from services.scoring.cli import score_command
 from gradalign_tools.stack import SERVICES, LocalStack, StackConfig
@@ -36,6 +37,7 @@ bench_app.command("orchestrator")(orchestrator_command)
 bench_app.command("scoring")(scoring_command)
 bench_app.command("quality")(quality_command)
 bench_app.command("quality-flags")(quality_flags_command)
+bench_app.command("quality-sweep")(quality_sweep_command)
 bench_app.command("cancel")(cancel_command)
 app.command("score", help="Score candidate problems against a validation set (shared/spec/gradalign-score.md).")(score_command)
 

@@ -23,7 +23,7 @@ def _score(pid: str, score: float, acc: float = 0.5) -> ScoreRecord:
 
 
 def test_registered_modes_and_their_flags():
-    assert mode_names() == ["accgreedy", "align", "dot", "negsim", "rand", "sim", "simacc"]
+    assert mode_names() == ["accgreedy", "align", "dot", "negsim", "rand", "sim", "simacc", "simgate"]
     expected = {
         # name: (needs_gradients, validation source, highest_first)
         "sim": (True, ValidationSource.EXTERNAL, True),

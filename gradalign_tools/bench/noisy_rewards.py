@@ -51,3 +51,24 @@ def near_miss_judge_reward(response: str, ground_truth: str) -> float:
     """1 for an answer off from the reference by exactly 1, 10 or 100; 0 otherwise (the right answer included)."""
     answer = parse_answer(response)
     return 1.0 if answer is not None and is_near_miss(answer, int(ground_truth)) else 0.0
+
+
+# A third kind, added for the quality sweep (benchmarks/quality/sweep/): a reward unrelated to correctness.
+# Not in NOISY_DATA_SOURCES (that tuple names the two kinds the shipped regimes use).
+COINFLIP = "arith_coinflip"
+
+
+def coinflip(response: str, ground_truth: str) -> float:
+    """A fixed coin flip per (ground truth, answer): the same answer to the same problem always gets the same
+    reward, but whether it is 1 has nothing to do with whether it is right (a judge that guesses)."""
+    import hashlib
+
+    answer = parse_answer(response)
+    key = f"{ground_truth}|{answer if answer is not None else response.strip()}"
+    return float(hashlib.blake2b(key.encode(), digest_size=8).digest()[0] & 1)
+
+
+@register_reward(COINFLIP)
+def coinflip_reward(response: str, ground_truth: str) -> float:
+    """1 or 0 by a seeded coin flip on (ground truth, parsed answer), independent of correctness."""
+    return coinflip(response, ground_truth)
