@@ -65,7 +65,7 @@ from gradalign_tools.bench.scoring_fidelity import fidelity
 from gradalign_tools.bench.scoring_measure import Row, measure, synchronize
 from gradalign_tools.bench.scoring_reference import ReferenceMethod, response_tokens
 from gradalign_tools.bench.scoring_replicas import run_replicas
-from gradalign_tools.bench.scoring_scaling import format_scaling, run_scaling
+from gradalign_tools.bench.scoring_scaling import format_scaling, parse_attention, run_scaling
 from services.scoring.engine import ScoringEngine, parse_device
 from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET
 from services.scoring.score_request import score_request
@@ -410,7 +410,7 @@ def scoring_command(
         mode=mode, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         select_fraction=select_fraction, memory_multiplier=memory_multiplier, replicas=replicas,
         replica_threads=replica_threads, max_batch_tokens=max_batch_tokens, memory_budget=memory_budget,
-        sizes=_sizes(sizes), todays_sizes=_sizes(todays_sizes), attention=_attention(attention), peak_tflops=peak_tflops, seed=seed,
+        sizes=_sizes(sizes), todays_sizes=_sizes(todays_sizes), attention=parse_attention(attention), peak_tflops=peak_tflops, seed=seed,
     )  # fmt: skip
     try:
         result = run_benchmark(cfg, echo=typer.echo)
@@ -432,14 +432,6 @@ def _sizes(text: str) -> tuple[int, ...]:
     if any(n < 1 for n in sizes):
         raise typer.BadParameter("--sizes takes positive group counts")
     return sizes
-
-
-def _attention(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [n for n in names if n not in ("sdpa", "eager", "flash_attention_2")]
-    if unknown:
-        raise typer.BadParameter(f"--attention takes sdpa, eager or flash_attention_2, got {', '.join(unknown)}")
-    return names
 
 
 def _json_default(value):

@@ -156,6 +156,20 @@ def run_scaling(cfg, engine: ScoringEngine, validation: Sequence[RolloutRecord],
     return result
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def parse_attention(text: str) -> tuple[str, ...]:
+    """--attention's comma-separated implementations (typer.BadParameter, exit 2, for an unknown one)."""
+    import typer
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in ATTENTION_IMPLEMENTATIONS]
+    if unknown:
+        raise typer.BadParameter(f"--attention takes {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {', '.join(unknown)}")
+    return names
+
+
 def attention_effect(engine: ScoringEngine, rollouts: Sequence[RolloutRecord], exact: Callable, implementations: Sequence[str],
                      repeats: int, echo: Callable[[str], None] = print) -> dict:
     """Floor and exact on `rollouts` with each attention implementation (transformers' `set_attn_implementation`:
