@@ -143,19 +143,27 @@ def parse_config(raw: dict) -> dict:
         raise InvalidInputError(f"config: {where}: {error['msg']}") from None
 
 
-def load_config(path: str | Path) -> dict:
-    """A regime config (YAML or JSON) merged over DEFAULTS and checked; InvalidInputError naming the defect."""
+def read_yaml_mapping(path: str | Path, what: str, missing: str) -> dict:
+    """The YAML (or JSON) mapping in `path` (empty file: {}); InvalidInputError `missing: path` when there is no
+    such file, or naming the file when it is not YAML or not a mapping (`the {what} must be a mapping`)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise InvalidInputError(f"config file not found: {path}")
+        raise InvalidInputError(f"{missing}: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
-        raise InvalidInputError(f"{path}: the config must be a mapping")
+        raise InvalidInputError(f"{path}: the {what} must be a mapping")
+    return raw
+
+
+def load_config(path: str | Path) -> dict:
+    """A regime config (YAML or JSON) merged over DEFAULTS and checked; InvalidInputError naming the defect."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "config", "config file not found")
     config = parse_config(raw)
     if not config["name"]:
         config["name"] = path.stem

@@ -45,20 +45,11 @@ class Manifest(BaseModel):
 def load_manifest(path: str | Path) -> dict:
     """The manifest merged over its defaults, each variant's config loaded (load_config) and checked; the
     variants' names must be distinct, the modes registered, the baseline and default among the modes."""
-    import yaml
-
     from gradalign_common.selection import get_mode
-    from gradalign_tools.bench.quality.config import load_config
+    from gradalign_tools.bench.quality.config import load_config, read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"manifest not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InvalidInputError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise InvalidInputError(f"{path}: the manifest must be a mapping")
+    raw = read_yaml_mapping(path, "manifest", "manifest not found")
     try:
         manifest = Manifest.model_validate(raw).model_dump()
     except ValidationError as exc:

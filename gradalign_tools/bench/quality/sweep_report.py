@@ -221,6 +221,12 @@ def sweep_summary(manifest: Mapping[str, Any], runs_by_variant: Mapping[str, Map
 # ---- markdown and csv ------------------------------------------------------------------------------------
 
 
+def _paired_row(variant: str, mode: str, vs: dict) -> str:
+    """One markdown row of a paired comparison: per-seed differences, mean ± std, ahead, both p-values, verdict."""
+    return (f"| {variant} | {mode} | {', '.join(_signed(d) for d in vs['diffs'])} | {_signed(vs['mean'])} ± "
+            f"{vs['std']:.1f} | {vs['ahead']}/{vs['n']} | {_p(vs['t_p'])} | {_p(vs['sign_p'])} | {vs['verdict']} |")
+
+
 def _signed(x: float) -> str:
     return f"{x:+.1f}".replace("-", "−")
 
@@ -265,21 +271,13 @@ def markdown(summary: Mapping[str, Any], command: str | None = None) -> str:
               "| variant | mode | per seed (points) | mean ± std | ahead | t-test p | sign-test p | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for v in summary["variants"]:
-        for m, vs in v["vs_baseline"].items():
-            lines.append(
-                f"| {v['variant']} | {m} | {', '.join(_signed(d) for d in vs['diffs'])} | {_signed(vs['mean'])} ± "
-                f"{vs['std']:.1f} | {vs['ahead']}/{vs['n']} | {_p(vs['t_p'])} | {_p(vs['sign_p'])} | {vs['verdict']} |"
-            )
+        lines += [_paired_row(v["variant"], m, vs) for m, vs in v["vs_baseline"].items()]
     if default:
         lines += ["", f"The default `{default}` − each other mode, seed by seed (negative: `{default}` behind):", "",
                   "| variant | against | per seed (points) | mean ± std | default ahead | t-test p | sign-test p | verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         for v in summary["variants"]:
-            for m, vs in v["vs_default"].items():
-                lines.append(
-                    f"| {v['variant']} | {m} | {', '.join(_signed(d) for d in vs['diffs'])} | {_signed(vs['mean'])} ± "
-                    f"{vs['std']:.1f} | {vs['ahead']}/{vs['n']} | {_p(vs['t_p'])} | {_p(vs['sign_p'])} | {vs['verdict']} |"
-                )
+            lines += [_paired_row(v["variant"], m, vs) for m, vs in v["vs_default"].items()]
     for key, title in (("pooled_vs_baseline", f"each mode − {baseline}"), ("pooled_vs_default", f"`{default}` − each other mode")):
         rows = summary.get(key) or {}
         if not rows:
