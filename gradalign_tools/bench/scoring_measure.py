@@ -8,7 +8,6 @@ plan governs; the resident set adds the allocator's and libraries' own).
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 
 from gradalign_common.records import ScoreRecord
+from services.scoring.cpu_allocator import release_freed_memory
 
 
 @dataclass
@@ -38,20 +38,6 @@ class Row:
     @property
     def best_cpu(self) -> float:
         return min(self.cpu_seconds)
-
-
-_LIBC = None
-
-
-def _trim_malloc() -> None:
-    """Return freed heap memory to the OS so that the next run's resident-set peak starts clean."""
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _status_kb(field_name: str) -> int | None:
@@ -81,7 +67,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        _trim_malloc()
+        release_freed_memory()  # freed heap back to the OS: the next run's resident-set peak starts clean
         self._start = (_status_kb("VmRSS") or 0) * 1024
         self._sampler = None
         try:
