@@ -148,6 +148,62 @@ def test_batches_are_balanced_without_adding_a_pass():
     assert len(batches) == 3 and max(sizes) < greedy_largest and all(size <= 1000 for size in sizes)
 
 
+def _sizes(batches) -> list[int]:
+    return [sum(len(c.records) for c in b) * max(len(r.prompt_ids) + len(r.response_ids) for c in b for r in c.records)
+            for b in batches]
+
+
+def test_batches_are_packed_up_to_the_target_and_never_split_for_it():
+    """Within what fits, groups are packed together only up to the target (rows x width); a group larger than the
+    target is a batch of its own, whole; balancing never packs past the target to save a pass."""
+    def group(k, rows, width):
+        return k, [RolloutRecord(f"g{k}", (1,) * 10, (2,) * (width - 10), float(j % 2)) for j in range(rows)], [1.0] * rows
+
+    even = [group(k, 4, 80) for k in range(8)]  # 320 each
+    for target, sizes in ((None, [8]), (320, [1] * 8), (512, [1] * 8), (700, [2, 2, 2, 2]), (1000, [3, 3, 2])):
+        batches = list(plan_batches(even, 10_000, target))
+        assert [len(b) for b in batches] == sizes, target
+        assert all(c.complete for b in batches for c in b)
+    mixed = [group(0, 5, 100)] + [group(k, 4, 25) for k in range(1, 5)]  # 500, then four of 100
+    batches = list(plan_batches(mixed, 10_000, 250))
+    assert [len(b) for b in batches] == [1, 2, 2] and _sizes(batches) == [500, 200, 200]
+    assert all(c.complete for b in batches for c in b)  # the 500 group is over the target but fits: not split
+    assert [len(b) for b in plan_batches(mixed, 10_000)] == [5]  # no target: one batch
+    fits_two = list(plan_batches(even, 700, 10_000))  # the budget's test still bounds a batch below the target
+    assert [len(b) for b in fits_two] == [2, 2, 2, 2]
+
+
+def test_the_cpu_packs_to_a_target_and_cuda_fills_the_budget():
+    """On CPU the default target is the tokens whose activations (the cost model's) take
+    DEFAULT_CPU_BATCH_ACTIVATION_BYTES; on CUDA none; a requested target wins (0: none); negatives are refused."""
+    from pydantic import ValidationError
+
+    from services.scoring.memory_plan import DEFAULT_CPU_BATCH_ACTIVATION_BYTES, resolve_batch_target
+    from services.scoring.settings import ScoringSettings
+
+    cost = CostModel(row_token=2 * MiB, row_quadratic=0.0, head_token=1.0, head_dense=1, gradient=1, batch_gradient=0)
+    assert resolve_batch_target(torch.device("cpu"), None, cost) == DEFAULT_CPU_BATCH_ACTIVATION_BYTES // (2 * MiB)
+    assert resolve_batch_target(torch.device("cuda", 0), None, cost) is None
+    assert resolve_batch_target(torch.device("cpu"), 0, cost) is None
+    assert resolve_batch_target(torch.device("cuda"), 300, cost) == 300
+    with pytest.raises(InvalidInputError, match="target_batch_tokens"):
+        resolve_batch_target(torch.device("cpu"), -1, cost)
+    with pytest.raises(InvalidInputError, match="target_batch_tokens"):
+        ScoringEngine(_qwen2(1), target_batch_tokens=-1)
+    engine = ScoringEngine(_qwen2(1))
+    groups = groups_of(spread_rollouts(seed=3, n_problems=4, n_responses=4, n_tokens=20, vocab=64), "candidate")
+    expected = int(DEFAULT_CPU_BATCH_ACTIVATION_BYTES // engine.cost_model.row_token)
+    assert engine.plan(groups).target_tokens == expected > 0
+    engine.target_batch_tokens = 40  # below one group: every group alone
+    assert [len(b) for b in engine.plan(groups).pack(weighted_responses(groups, None))] == [1, 1, 1, 1]
+    engine.max_batch_tokens = 4096  # the override: rows x width alone, no target
+    assert [len(b) for b in engine.plan(groups).pack(weighted_responses(groups, None))] == [4]
+    assert ScoringEngine(_qwen2(1), target_batch_tokens=0).plan(groups).target_tokens is None
+    assert ScoringSettings(target_batch_tokens=0).target_batch_tokens == 0
+    with pytest.raises(ValidationError, match="target_batch_tokens"):
+        ScoringSettings(target_batch_tokens=-5)
+
+
 # ----------------------------------------------------------------------------- measured
 
 
@@ -171,6 +227,7 @@ def test_exact_stays_within_the_budget_and_its_scores_do_not_depend_on_it(real_v
     g_v = engine.validation_gradient(validation)
     list(engine.score(candidates[:8], "sim", validation_gradient=g_v))  # warm up
     peaks, scores = {}, {}
+    engine.target_batch_tokens = 0  # batches fill the budget (as on CUDA): the plan's room is the budget's
     for budget in (64 * MiB, 128 * MiB, 512 * MiB):
         engine.set_memory_budget(budget)
         peaks[budget], records = peak_tensor_bytes(lambda: list(engine.score(candidates, "sim", validation_gradient=g_v)))
@@ -181,6 +238,7 @@ def test_exact_stays_within_the_budget_and_its_scores_do_not_depend_on_it(real_v
     for other in scores.values():  # float32: batch shapes change the rounding only (~1e-7)
         assert other == pytest.approx(first, abs=1e-6)
     engine.set_memory_budget("0.75")
+    engine.target_batch_tokens = None
 
 
 def test_the_validation_gradient_stays_within_the_budget(real_vocab_engine, real_vocab_round):
@@ -196,11 +254,12 @@ def test_the_validation_gradient_stays_within_the_budget(real_vocab_engine, real
     engine.set_memory_budget("0.75")
 
 
-@pytest.mark.parametrize("budget", ["2MiB", "8MiB", "1GiB"])
-def test_float64_scores_are_the_reference_at_every_budget(model, candidates, validation, budget):
-    """Tiny budgets: one group or less per batch, lm_head in short chunks; the reference's scores to 1e-10."""
+@pytest.mark.parametrize("budget, target", [("2MiB", None), ("8MiB", None), ("1GiB", None), ("1GiB", 1), ("1GiB", 0)])
+def test_float64_scores_are_the_reference_at_every_budget(model, candidates, validation, budget, target):
+    """Tiny budgets: one group or less per batch, lm_head in short chunks; a target of 1 (every group alone) and
+    none (the budget filled); the reference's scores to 1e-10."""
     reference = ReferenceScorer(model).scores(candidates, validation)
-    engine = ScoringEngine(copy.deepcopy(model), dtype=torch.float64, memory_budget=budget)
+    engine = ScoringEngine(copy.deepcopy(model), dtype=torch.float64, memory_budget=budget, target_batch_tokens=target)
     for s in engine.score(candidates, "dot", validation):
         assert s.score == pytest.approx(reference[s.problem_id]["dot"], abs=1e-10)
 

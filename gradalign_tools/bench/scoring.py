@@ -104,6 +104,7 @@ class BenchConfig:
     replicas: int = 0
     replica_threads: int = 1
     max_batch_tokens: Optional[int] = None
+    target_batch_tokens: Optional[int] = None
     memory_budget: str = DEFAULT_MEMORY_BUDGET
     sizes: tuple[int, ...] = ()
     todays_sizes: tuple[int, ...] = ()
@@ -165,7 +166,7 @@ def run_benchmark(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict
         torch.set_num_threads(cfg.threads)
     model = build_model(cfg)
     engine = ScoringEngine(model, device=device, dtype=dtype, memory_budget=cfg.memory_budget,
-                           max_batch_tokens=cfg.max_batch_tokens)
+                           max_batch_tokens=cfg.max_batch_tokens, target_batch_tokens=cfg.target_batch_tokens)
     if not engine.batched:
         raise InvalidInputError(f"the batched path does not support the model: {engine.layout.reason}")
     if cfg.sizes:
@@ -377,6 +378,9 @@ def scoring_command(
         None, "--max-batch-tokens", min=1,
         help="Override: rows x width of one batched forward (floor and exact alike), instead of the memory budget.",
     ),
+    target_batch_tokens: Optional[int] = typer.Option(
+        None, "--target-batch-tokens", min=0, help="Rows x width batches are packed to at most (default: 768 MiB of activations on CPU; 0: the budget).",
+    ),
     memory_budget: str = typer.Option(
         DEFAULT_MEMORY_BUDGET, "--memory-budget",
         help="Working memory of a scoring pass on top of the model: bytes (4GiB) or a fraction of the device's (0.8).",
@@ -409,7 +413,8 @@ def scoring_command(
         validation_groups=validation_groups, dtype=dtype, device=device, repeats=repeats, threads=threads,
         mode=mode, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         select_fraction=select_fraction, memory_multiplier=memory_multiplier, replicas=replicas,
-        replica_threads=replica_threads, max_batch_tokens=max_batch_tokens, memory_budget=memory_budget,
+        replica_threads=replica_threads, max_batch_tokens=max_batch_tokens, target_batch_tokens=target_batch_tokens,
+        memory_budget=memory_budget,
         sizes=_sizes(sizes), todays_sizes=_sizes(todays_sizes), attention=parse_attention(attention), peak_tflops=peak_tflops, seed=seed,
     )  # fmt: skip
     try:

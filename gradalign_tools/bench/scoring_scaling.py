@@ -33,7 +33,7 @@ import torch
 
 from gradalign_common.records import RolloutRecord
 from gradalign_tools.bench.scoring_measure import Row, measure, peak_tensor_bytes, synchronize
-from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS, plan_batches
+from services.scoring.batching import DEFAULT_MAX_BATCH_TOKENS
 from services.scoring.engine import ScoringEngine
 from services.scoring.groups import groups_of, weighted_responses
 from services.scoring.layout import accumulation_dtype, requires_grad_only
@@ -94,7 +94,7 @@ def tokens_in_flight(engine: ScoringEngine, rollouts: Sequence[RolloutRecord], p
 
 def _batches(engine: ScoringEngine, rollouts: Sequence[RolloutRecord], path: str) -> list:
     groups = [g for g in groups_of(rollouts, "candidate") if not g.zero_advantage]
-    return list(plan_batches(weighted_responses(groups, None), engine.plan(groups, path).fits))
+    return list(engine.plan(groups, path).pack(weighted_responses(groups, None)))
 
 
 def run_scaling(cfg, engine: ScoringEngine, validation: Sequence[RolloutRecord], sizes: Sequence[int],

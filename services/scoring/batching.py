@@ -51,16 +51,20 @@ class Chunk:
 
 
 def plan_batches(
-    groups: Iterable[tuple[int, Sequence[RolloutRecord], Sequence[float]]], fits: "BatchFits | int"
+    groups: Iterable[tuple[int, Sequence[RolloutRecord], Sequence[float]]], fits: "BatchFits | int",
+    target: int | None = None,
 ) -> Iterator[list[Chunk]]:
     """Consecutive groups (key, records, per-response weights) packed into batches.
 
     Every batch fits (rows, and width the longest prompt + response in it; an int is a token limit),
     unless one group alone does not: such a group is split by responses into chunks, each its own
-    batch that fits as a split batch (or holds a single response). The groups between such splits are
-    cut into as few batches as greedy packing makes, balanced: the largest batch (rows x width) is as
-    small as that number of batches allows (`_balanced`), so a round's peak memory is that of its
-    typical batch rather than of one greedy batch filled to the budget, and no pass is added.
+    batch that fits as a split batch (or holds a single response). With `target` (rows x width), groups
+    are packed together only up to it: a batch larger than the device needs to be busy costs memory and
+    buys no speed (services.scoring.memory_plan.BatchPlan.target_tokens); a group larger than the target
+    is a batch of its own, never split for it. The groups between splits are cut into as few batches as
+    greedy packing makes, balanced: the largest batch (rows x width) is as small as that number of
+    batches allows (`_balanced`), so a round's peak memory is that of its typical batch rather than of
+    one greedy batch filled to the budget, and no pass is added.
     """
     if isinstance(fits, int):
         fits = token_limit(fits)
@@ -68,12 +72,12 @@ def plan_batches(
     for key, records, weights in groups:
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in records]
         if not fits(len(records), max(lengths), False):
-            yield from _balanced(run, fits)
+            yield from _balanced(run, fits, target)
             run = []
             yield from ([c] for c in _split(key, records, weights, lengths, fits))
             continue
         run.append((key, records, weights, lengths))
-    yield from _balanced(run, fits)
+    yield from _balanced(run, fits, target)
 
 
 def _greedy(run, fits: BatchFits, cap: int | None = None) -> list[list[Chunk]]:
@@ -99,22 +103,26 @@ def _size(batch: list[Chunk]) -> int:
     return len(records) * max(len(r.prompt_ids) + len(r.response_ids) for r in records)
 
 
-def _balanced(run, fits: BatchFits) -> list[list[Chunk]]:
-    """Greedy packing's number of batches, with the smallest cap on a batch's rows x width that keeps it:
-    a binary search over the cap (the number of batches never grows with the cap; at greedy's own largest
-    batch it is greedy's)."""
-    batches = _greedy(run, fits)
+def _balanced(run, fits: BatchFits, target: int | None = None) -> list[list[Chunk]]:
+    """Greedy packing's number of batches (up to `target` rows x width when given), with the smallest cap on
+    a batch's rows x width that keeps it: a binary search over the cap (the number of batches never grows
+    with the cap; at greedy's own largest batch it is greedy's)."""
+    batches = _greedy(run, fits, target)
     if len(batches) < 2:
         return batches
     low = max(len(records) * max(lengths) for _, records, _, lengths in run) - 1  # infeasible: some group exceeds it
     high = max(_size(b) for b in batches)  # feasible
     while high - low > 1:
         middle = (low + high) // 2
-        if len(_greedy(run, fits, middle)) <= len(batches):
+        if len(_greedy(run, fits, _within(middle, target))) <= len(batches):
             high = middle
         else:
             low = middle
-    return _greedy(run, fits, high)
+    return _greedy(run, fits, _within(high, target))
+
+
+def _within(cap: int, target: int | None) -> int:
+    return cap if target is None else min(cap, target)
 
 
 def _split(key, records, weights, lengths, fits: BatchFits) -> list[Chunk]:

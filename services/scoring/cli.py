@@ -52,6 +52,12 @@ def score_command(
         None, "--max-batch-tokens", min=1,
         help="Override: rows x width of one batched forward, instead of the memory budget.",
     ),
+    target_batch_tokens: Optional[int] = typer.Option(
+        None, "--target-batch-tokens", min=0,
+        help="Rows x width batches are packed to at most within the budget (default: 768 MiB of activations on CPU, none on "
+        "CUDA; "
+        "0: batches fill the budget).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the rand mode (and of fewer-responses' choice)."),
     optimizer_state: Optional[Path] = typer.Option(
         None, "--optimizer-state",
@@ -63,7 +69,7 @@ def score_command(
     """Score candidate problems by gradient alignment (shared/spec/gradalign-score.md) and write JSONL."""
     try:
         scores = _score(model, candidates, validation, mode, method, dtype, device, seed, optimizer_state,
-                        memory_budget, max_batch_tokens)
+                        memory_budget, max_batch_tokens, target_batch_tokens)
     except InvalidInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(BAD_INPUT_EXIT_CODE) from None
@@ -83,6 +89,7 @@ def _score(
     optimizer_state: Optional[Path] = None,
     memory_budget: str = DEFAULT_MEMORY_BUDGET,
     max_batch_tokens: Optional[int] = None,
+    target_batch_tokens: Optional[int] = None,
 ) -> list[ScoreRecord]:
     """Check the arguments, read the rollouts and score them; InvalidInputError on bad input."""
     mode = get_mode(mode_name)
@@ -106,7 +113,8 @@ def _score(
     scores = score_request(
         candidates, mode, method=spec, seed=seed, validation_name="--validation",
         engine=lambda: ScoringEngine.from_pretrained(model, device=device, dtype=dtype, memory_budget=budget,
-                                                     max_batch_tokens=max_batch_tokens),
+                                                     max_batch_tokens=max_batch_tokens,
+                                                     target_batch_tokens=target_batch_tokens),
         validation_gradient=validation_gradient if validation is not None else None,
         preconditioner=preconditioner,
         progress=lambda done, total: bar.update(done - bar.n),  # the bar below: scores come as they are consumed

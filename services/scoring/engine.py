@@ -26,8 +26,9 @@ batching of groups, preconditioner factors and projection plans.
 Memory: every pass is planned within a memory budget (gradalign_common.memory_budget: bytes, or a
 fraction of the device's memory, on top of the resident model and g_V) from a cost model of the
 model itself (services.scoring.memory_plan): batches of groups, lm_head's logits in chunks of
-tokens (services.scoring.head_loss) and bounded per-group gradient slices. `max_batch_tokens`, when
-set, overrides the budget's batch size by a token count (rows x width), as before.
+tokens (services.scoring.head_loss) and bounded per-group gradient slices. Within the budget, batches are
+packed up to a target size where one is set (on CPU by default: services.scoring.memory_plan.
+resolve_batch_target). `max_batch_tokens`, when set, overrides both by a token count (rows x width).
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ from gradalign_common.optimizer_state import AdamSecondMoment
 from gradalign_common.records import RolloutRecord, ScoreRecord
 from gradalign_common.scoring_methods import MethodSpec, parse_method
 from gradalign_common.selection import SelectionMode, get_mode
-from services.scoring.batching import Batch, plan_batches
+from services.scoring.batching import Batch
 from services.scoring.cpu_allocator import map_large_blocks, release_freed_memory
 from services.scoring.gradient_source import GradientSource, gradient_source
 from services.scoring.groups import Group, groups_of, weighted_responses
 from services.scoring.layout import accumulation_dtype, inspect_model
 from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, parse_memory_budget
-from services.scoring.memory_plan import COLLECT, PLAIN, BatchPlan, CostModel, plan_pass, probe_cost_model
+from services.scoring.memory_plan import (COLLECT, PLAIN, BatchPlan, CostModel, plan_pass, probe_cost_model,
+                                          check_batch_target, resolve_batch_target)
 from services.scoring.methods import get_method
 from services.scoring.passes import plain_gradient, run_batch
 from services.scoring.projection import ProjectionPlan
@@ -93,9 +95,11 @@ class ScoringEngine:
     the projected coordinates for project. A g_V can be passed back to `score` only with a
     method of the same space (MethodSpec.gradient_space) and the same preconditioner.
     `memory_budget` (bytes, a fraction of the device's memory, or their text: "4GiB", "0.8") bounds the
-    working memory of every pass; `max_batch_tokens`, when set, bounds rows x width of one batched
-    forward instead. Both are attributes a caller may change between requests (memory_budget through
-    set_memory_budget); neither changes any score.
+    working memory of every pass; `target_batch_tokens` is the rows x width batches are packed to at most
+    within it (None: the device's default, on CPU 768 MiB of activations' worth, none on CUDA; 0: none, batches
+    fill the budget);
+    `max_batch_tokens`, when set, bounds rows x width of one batched forward instead. They are attributes a
+    caller may change between requests (memory_budget through set_memory_budget); none changes any score.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class ScoringEngine:
         *,
         memory_budget: str | int | float | MemoryBudget = DEFAULT_MEMORY_BUDGET,
         max_batch_tokens: int | None = None,
+        target_batch_tokens: int | None = None,
         projection_seed: int = 0,
     ):
         self.device = parse_device(device)
@@ -121,6 +126,7 @@ class ScoringEngine:
         self._vocab_size = self.model.get_input_embeddings().num_embeddings
         self.memory_budget = parse_memory_budget(memory_budget)
         self.max_batch_tokens = max_batch_tokens  # None: batches sized by the memory budget
+        self.target_batch_tokens = check_batch_target(target_batch_tokens)  # None: the device's default; 0: none
         self.head_chunk_tokens: int | None = None  # None: lm_head's chunk sized by the memory budget
         self.chunked_logits = True  # False: a batch's logits at once (the earlier path, kept as a reference)
         self._cost_model: CostModel | None = None
@@ -265,7 +271,8 @@ class ScoringEngine:
         the memory budget, with the max_batch_tokens and head_chunk_tokens overrides when set."""
         budget = self.memory_budget.working_bytes(self.device)
         largest = max((g.n_response_tokens for g in groups), default=0)
-        plan = plan_pass(self.cost_model, budget, path, largest)
+        target = resolve_batch_target(self.device, self.target_batch_tokens, self.cost_model)
+        plan = plan_pass(self.cost_model, budget, path, largest, target)
         if self.max_batch_tokens is None and not plan.fits(1, 2):
             log.warning("memory_budget_below_one_response", budget_bytes=budget, fixed_bytes=plan.fixed,
                         budget=str(self.memory_budget))
@@ -287,7 +294,7 @@ class ScoringEngine:
     def batches(self, groups: Sequence[Group], denominator: int | None, plan: BatchPlan | None = None) -> Iterator[Batch]:
         """The groups' weighted responses (services.scoring.groups.weighted_responses) in batches of the plan."""
         plan = plan or self.plan(groups)
-        for chunks in plan_batches(weighted_responses(groups, denominator), plan.fits):
+        for chunks in plan.pack(weighted_responses(groups, denominator)):
             yield self._batch(chunks)
 
     def run_batch(self, batch: Batch, collector, tracked: list[int], cut: int | None, plan: BatchPlan) -> None:
@@ -301,7 +308,7 @@ class ScoringEngine:
         """The collector's result for each group, in order, from batches of consecutive groups."""
         plan = plan or self.plan(groups)
         results: dict[int, object] = {}
-        batches = plan_batches(weighted_responses(groups, None), plan.fits)
+        batches = plan.pack(weighted_responses(groups, None))
         for key, group in enumerate(groups):
             while key not in results:
                 if not any(a != 0.0 for a in group.advantages):  # nothing of it survives the weighting
@@ -321,7 +328,7 @@ class ScoringEngine:
         live = [g for g in groups if not g.zero_advantage]
         done = len(groups) - len(live)
         plan = self.plan(live, PLAIN)
-        chunk_lists = list(plan_batches(weighted_responses(live, n_tokens), plan.fits))
+        chunk_lists = list(plan.pack(weighted_responses(live, n_tokens)))
         total = [torch.zeros_like(self.params[i], dtype=self.gradient_dtype) for i in indices]
         for chunks in chunk_lists:
             plain_gradient(self.layout, [self._batch(chunks)], indices, cut, self._head_chunk(plan), total)

@@ -26,11 +26,13 @@ so a batch's cost is fixed + per-token terms whatever the number of groups in it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from gradalign_common.errors import InvalidInputError
 from gradalign_common.records import RolloutRecord
-from services.scoring.batching import Batch, Chunk
+from services.scoring.batching import Batch, Chunk, plan_batches
 from services.scoring.layout import ModelLayout, accumulation_dtype, requires_grad_only
 from services.scoring.passes import forward_loss
 
@@ -42,6 +44,30 @@ TRANSIENT_LAYERS = 3  # output gradients alive at once during the backward, in l
 HEAD_SHARE = 0.25  # lm_head's chunk takes at most this share of the budget
 MIN_HEAD_CHUNK_TOKENS = 16
 MAX_SLICE_BYTES = 64 << 20
+# What one CPU batch's activations (CostModel.row_token x rows x width) are packed to at most: on CPU a pass gets
+# no faster per token once a batch is a few hundred tokens wide, and slower beyond (measured for 0.5B: 1.1-1.4x the
+# time per token at 3-8x the tokens; a model of 0.15 MB per token is flat from 384 to 1,536 tokens: README,
+# "Scoring at real-model scale"), so packing more only raises the peak. On CUDA no target: batches fill the budget
+# (a GPU needs large batches to be busy).
+DEFAULT_CPU_BATCH_ACTIVATION_BYTES = 768 << 20
+
+
+def resolve_batch_target(device: torch.device, requested: int | None, cost: "CostModel") -> int | None:
+    """The target rows x width of a batch on `device`: `requested` when given (0: none, batches fill the
+    budget), else on CPU the tokens whose activations are DEFAULT_CPU_BATCH_ACTIVATION_BYTES by the cost
+    model, none elsewhere."""
+    if requested is not None:
+        return check_batch_target(requested) or None
+    if device.type != "cpu":
+        return None
+    return max(1, int(DEFAULT_CPU_BATCH_ACTIVATION_BYTES // max(1.0, cost.row_token)))
+
+
+def check_batch_target(requested: int | None) -> int | None:
+    """`requested` when it is None, 0 (no target) or positive; InvalidInputError naming it otherwise."""
+    if requested is not None and requested < 0:
+        raise InvalidInputError(f"target_batch_tokens must be 0 (fill the budget) or positive, got {requested}")
+    return requested
 
 
 @dataclass(frozen=True)
@@ -62,7 +88,10 @@ class BatchPlan:
 
     `fixed` is what the pass holds whatever its batches; `split_extra` what a batch holding part of a group
     too large for one batch adds (that group's gradient buffer). `token_limit`, when set, replaces the
-    budget's test by rows x width <= token_limit (the old --max-batch-tokens).
+    budget's test by rows x width <= token_limit (the old --max-batch-tokens). `target_tokens`, when set,
+    is the rows x width beyond which a batch is no faster on the device (DEFAULT_TARGET_BATCH_TOKENS):
+    groups are packed together up to it and no further, within the budget; a group larger than it is a
+    batch of its own, never split for it. It does not apply under a token limit.
     """
 
     budget: int
@@ -72,6 +101,7 @@ class BatchPlan:
     fixed: int
     split_extra: int
     token_limit: int | None = None
+    target_tokens: int | None = None
 
     def peak(self, rows: int, width: int, split: bool = False) -> float:
         """The modelled working memory of a batch of `rows` rows `width` tokens wide."""
@@ -86,10 +116,15 @@ class BatchPlan:
             return rows * width <= self.token_limit
         return self.peak(rows, width, split) <= self.budget
 
+    def pack(self, groups: Iterable[tuple[int, Sequence[RolloutRecord], Sequence[float]]]) -> Iterator[list[Chunk]]:
+        """The weighted groups (services.scoring.groups.weighted_responses) in this plan's batches."""
+        return plan_batches(groups, self.fits, self.target_tokens if self.token_limit is None else None)
 
-def plan_pass(cost: CostModel, budget: int, path: str, largest_group_tokens: int) -> BatchPlan:
+
+def plan_pass(cost: CostModel, budget: int, path: str, largest_group_tokens: int,
+              target_tokens: int | None = None) -> BatchPlan:
     """The plan of a pass (COLLECT or PLAIN) within `budget` bytes, whose largest group has
-    `largest_group_tokens` response tokens."""
+    `largest_group_tokens` response tokens, packing batches up to `target_tokens` rows x width when given."""
     slice_bytes = int(min(MAX_SLICE_BYTES, max(1 << 20, budget // 32)))
     head_chunk_tokens = max(MIN_HEAD_CHUNK_TOKENS, int(budget * HEAD_SHARE // max(1.0, cost.head_token)))
     fixed = 3 * slice_bytes  # a layer's per-group gradient slice, in the model's dtype, accumulated, preconditioned
@@ -101,7 +136,7 @@ def plan_pass(cost: CostModel, budget: int, path: str, largest_group_tokens: int
         split_extra = cost.gradient
         if largest_group_tokens > head_chunk_tokens:
             fixed += cost.head_dense
-    return BatchPlan(budget, cost, head_chunk_tokens, slice_bytes, fixed, split_extra)
+    return BatchPlan(budget, cost, head_chunk_tokens, slice_bytes, fixed, split_extra, target_tokens=target_tokens)
 
 
 def probe_cost_model(layout: ModelLayout) -> CostModel:

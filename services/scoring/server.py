@@ -188,7 +188,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             log.info("loading_checkpoint", checkpoint=checkpoint, dtype=str(dtype))
             engine = ScoringEngine.from_pretrained(
                 checkpoint, device=self.settings.device, dtype=dtype, memory_budget=self.settings.memory_budget,
-                max_batch_tokens=self.settings.max_batch_tokens,
+                max_batch_tokens=self.settings.max_batch_tokens, target_batch_tokens=self.settings.target_batch_tokens,
             )
             self._loaded = _LoadedModel(fingerprint, engine)
         return self._loaded.engine

@@ -29,6 +29,13 @@ class ScoringSettings(WorkerSettings):
         description="working memory of a scoring pass on top of the loaded model, when a request names none: bytes "
         "(24GiB, 512MB) or a fraction of the device's memory (0.8, 80%); batches are planned to stay within it",
     )
+    target_batch_tokens: Optional[int] = Field(
+        default=None, ge=0,
+        description="rows x width batches are packed to at most within the memory budget (a group is never split "
+        "for it): unset, the device's default (on CPU the tokens whose activations take 768 MiB, where larger "
+        "batches are no faster; none on CUDA); "
+        "0, none: batches fill the budget",
+    )
     max_batch_tokens: Optional[int] = Field(
         default=None, ge=1,
         description="override: rows x width of one batched forward of the exact scorer, instead of the memory budget",
