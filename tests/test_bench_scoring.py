@@ -81,7 +81,8 @@ def test_bench_scaling_study_at_a_tiny_size(tmp_path):
     out = tmp_path / "scaling.json"
     tiny = [a for a in TINY if a not in ("--select-fraction", "0.5")]
     result = CliRunner().invoke(app, [*tiny, "--vocab", "5000", "--sizes", "1,2", "--memory-budget", "16MiB",
-                                      "--attention", "sdpa,eager", "--peak-tflops", "0.01", "--out", str(out)])
+                                      "--attention", "sdpa,eager", "--batch-groups", "1,2", "--peak-tflops", "0.01",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     for text in ["scaling within a 16 MB memory budget", "today's floor", "today's exact", "MB/tok",
                  "exact/floor", "peak of torch's tensors", "scaling targets"]:
@@ -106,6 +107,26 @@ def test_bench_scaling_study_at_a_tiny_size(tmp_path):
     assert attention["default"] == "sdpa" and set(attention["implementations"]) == {"sdpa", "eager"}
     assert all(j["seconds"] > 0 for jobs in attention["implementations"].values() for j in jobs.values())
     assert "attention eager at 1 groups" in result.stdout and "x sdpa's time" in result.stdout
+    by_batch = data["batch_size"]  # exact at the largest size in batches of 1 and of 2 groups
+    assert by_batch["groups"] == 2 and set(by_batch["per_batch"]) == {"1", "2"}
+    assert min(v["vs_best"] for v in by_batch["per_batch"].values()) == 1.0
+    assert all(v["seconds_per_1k_tokens"] > 0 for v in by_batch["per_batch"].values())
+    assert "by groups per batch: 1:" in result.stdout
     assert CliRunner().invoke(app, [*tiny, "--sizes", "2,x"]).exit_code == 2
+    assert CliRunner().invoke(app, [*tiny, "--sizes", "2", "--batch-groups", "0"]).exit_code == 2
     assert CliRunner().invoke(app, [*tiny, "--sizes", "2", "--attention", "fast"]).exit_code == 2
     assert CliRunner().invoke(app, [*tiny, "--sizes", "2", "--memory-budget", "lots"]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_bench_scaling_study_reports_torch_compile(tmp_path):
+    """--compile times floor (and exact, or its error) with the decoder layers compiled, after eager."""
+    out = tmp_path / "compile.json"
+    tiny = [a for a in TINY if a not in ("--select-fraction", "0.5")]
+    result = CliRunner().invoke(app, [*tiny, "--sizes", "1", "--memory-budget", "16MiB", "--compile", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    compiled = json.loads(out.read_text())["scaling"]["compile"]
+    assert compiled["floor"] > 0 and compiled["compiled floor"] > 0 and compiled["first_compiled_floor_seconds"] > 0
+    assert compiled["compiled_floor_vs_floor"] == pytest.approx(compiled["compiled floor"] / compiled["floor"])
+    assert ("compiled_exact_vs_exact" in compiled) != ("compiled_exact_error" in compiled)
+    assert "torch.compile at 1 groups: floor" in result.stdout

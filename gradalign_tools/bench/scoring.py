@@ -65,7 +65,7 @@ from gradalign_tools.bench.scoring_fidelity import fidelity
 from gradalign_tools.bench.scoring_measure import Row, measure, synchronize
 from gradalign_tools.bench.scoring_reference import ReferenceMethod, response_tokens
 from gradalign_tools.bench.scoring_replicas import run_replicas
-from gradalign_tools.bench.scoring_scaling import format_scaling, parse_attention, run_scaling
+from gradalign_tools.bench.scoring_scaling import format_scaling, parse_attention, parse_group_counts, run_scaling
 from services.scoring.engine import ScoringEngine, parse_device
 from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET
 from services.scoring.score_request import score_request
@@ -109,6 +109,8 @@ class BenchConfig:
     sizes: tuple[int, ...] = ()
     todays_sizes: tuple[int, ...] = ()
     attention: tuple[str, ...] = ()
+    batch_groups: tuple[int, ...] = ()
+    compile: bool = False
     peak_tflops: float = 0.0
     seed: int = 0
 
@@ -394,6 +396,10 @@ def scoring_command(
     attention: str = typer.Option(
         "", "--attention", help="With --sizes: also time floor and exact with each attention implementation (e.g. sdpa,eager).",
     ),
+    batch_groups: str = typer.Option(
+        "", "--batch-groups", help="With --sizes: also time exact at the largest size in batches of each many groups (e.g. 1,2,3).",
+    ),
+    compile_layers: bool = typer.Option(False, "--compile", help="With --sizes: also time floor and exact with torch.compile'd layers."),
     peak_tflops: float = typer.Option(
         0.0, "--peak-tflops", min=0.0,
         help="With --sizes: the device's dense peak (TFLOP/s, e.g. 989 for an H200 in bf16) for the fraction-of-peak figure.",
@@ -415,7 +421,9 @@ def scoring_command(
         select_fraction=select_fraction, memory_multiplier=memory_multiplier, replicas=replicas,
         replica_threads=replica_threads, max_batch_tokens=max_batch_tokens, target_batch_tokens=target_batch_tokens,
         memory_budget=memory_budget,
-        sizes=_sizes(sizes), todays_sizes=_sizes(todays_sizes), attention=parse_attention(attention), peak_tflops=peak_tflops, seed=seed,
+        sizes=parse_group_counts(sizes), todays_sizes=parse_group_counts(todays_sizes, "--todays-sizes"),
+        attention=parse_attention(attention), batch_groups=parse_group_counts(batch_groups, "--batch-groups"),
+        compile=compile_layers, peak_tflops=peak_tflops, seed=seed,
     )  # fmt: skip
     try:
         result = run_benchmark(cfg, echo=typer.echo)
@@ -427,16 +435,6 @@ def scoring_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=_json_default))
         typer.echo(f"wrote {out}")
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise typer.BadParameter(f"--sizes takes group counts such as 2,4,8, got {text!r}") from None
-    if any(n < 1 for n in sizes):
-        raise typer.BadParameter("--sizes takes positive group counts")
-    return sizes
 
 
 def _json_default(value):

@@ -19,6 +19,10 @@ slack and libraries' workspaces, and varies by several hundred MB between like r
 growth targets are checked on both. Timing uses the best of --repeats runs, interleaved (other jobs share
 the machine). With --attention sdpa,eager, floor and exact run again at the smallest size with each
 attention implementation (attention_effect), for the effect of PyTorch's SDPA against eager attention.
+With --batch-groups 1,2,3, exact runs the largest size again in batches of that many whole groups
+(batch_size_effect: time per response token against the batch size, the measurement behind the CPU
+target, services.scoring.memory_plan.DEFAULT_CPU_BATCH_ACTIVATION_BYTES). With --compile, floor and exact
+run at the smallest size with the decoder layers compiled by torch.compile (compile_effect).
 """
 
 from __future__ import annotations
@@ -100,8 +104,9 @@ def _batches(engine: ScoringEngine, rollouts: Sequence[RolloutRecord], path: str
 def run_scaling(cfg, engine: ScoringEngine, validation: Sequence[RolloutRecord], sizes: Sequence[int],
                 echo: Callable[[str], None] = print, todays_sizes: Sequence[int] | None = None,
                 attention: Sequence[str] = ()) -> dict:
-    """The study of the module docstring (and, with `attention`, attention_effect at the smallest size);
-    returns what it measured."""
+    """The study of the module docstring (with `attention`, attention_effect at the smallest size; with
+    cfg.batch_groups, batch_size_effect at the largest; with cfg.compile, compile_effect last, since it
+    compiles the model's layers for good); returns what it measured."""
     todays_sizes = set(todays_sizes or [min(sizes)])
     device = engine.device
     started = time.perf_counter()
@@ -153,7 +158,79 @@ def run_scaling(cfg, engine: ScoringEngine, validation: Sequence[RolloutRecord],
     if attention:
         rollouts = largest[: min(sizes) * cfg.responses]
         result["attention"] = attention_effect(engine, rollouts, exact, attention, cfg.repeats, echo)
+    if getattr(cfg, "batch_groups", ()):
+        result["batch_size"] = batch_size_effect(engine, largest, cfg.responses, exact, cfg.batch_groups, cfg.repeats, echo)
+    if getattr(cfg, "compile", False):
+        rollouts = largest[: min(sizes) * cfg.responses]
+        result["compile"] = compile_effect(engine, rollouts, exact, cfg.repeats, echo)
     return result
+
+
+def parse_group_counts(text: str, option: str = "--sizes") -> tuple[int, ...]:
+    """A comma-separated list of positive group counts (typer.BadParameter, exit 2, otherwise)."""
+    import typer
+
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes group counts such as 2,4,8, got {text!r}") from None
+    if any(n < 1 for n in counts):
+        raise typer.BadParameter(f"{option} takes positive group counts")
+    return counts
+
+
+def batch_size_effect(engine: ScoringEngine, rollouts: Sequence[RolloutRecord], responses: int, exact: Callable,
+                      groups_per_batch: Sequence[int], repeats: int, echo: Callable[[str], None] = print) -> dict:
+    """Exact on `rollouts` (groups of one shape) in batches of each number of whole groups (max_batch_tokens
+    set to that many groups' rows x width), interleaved; seconds and time per 1k response tokens each."""
+    width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    tokens = sum(len(r.response_ids) for r in rollouts)
+    saved = engine.max_batch_tokens
+    rows = {k: Row(f"{k} groups per batch") for k in groups_per_batch}
+    try:
+        for _ in range(repeats):
+            for k in groups_per_batch:
+                engine.max_batch_tokens = k * responses * width
+                measure(rows[k], engine.device, lambda: exact(rollouts))
+                echo(f"  batches of {k} groups ({k * responses * width} rows x width): {rows[k].seconds[-1]:.2f} s")
+    finally:
+        engine.max_batch_tokens = saved
+    per_token = {k: 1000 * row.best / tokens for k, row in rows.items()}
+    return {"groups": len(rollouts) // responses, "group_rows_x_width": responses * width,
+            "activation_mb_per_token": engine.cost_model.row_token / 2**20,
+            "per_batch": {k: {"seconds": rows[k].best, "seconds_per_1k_tokens": per_token[k], "peak_mb": max(rows[k].peak_mb),
+                              "vs_best": per_token[k] / min(per_token.values())} for k in groups_per_batch}}
+
+
+def compile_effect(engine: ScoringEngine, rollouts: Sequence[RolloutRecord], exact: Callable, repeats: int,
+                   echo: Callable[[str], None] = print) -> dict:
+    """Floor and exact on `rollouts`, eager, then with every decoder layer compiled (nn.Module.compile, for
+    good): the first call's seconds (compiling), then the best of `repeats`; exact's error when it fails."""
+    rows = {name: Row(name) for name in ("floor", "exact", "compiled floor", "compiled exact")}
+    for _ in range(repeats):
+        measure(rows["floor"], engine.device, lambda: engine.plain_backward(rollouts))
+        measure(rows["exact"], engine.device, lambda: exact(rollouts))
+    for layer in engine.layout.layers or ():
+        layer.compile()
+    out: dict = {"groups": len({r.problem_id for r in rollouts})}
+    started = time.perf_counter()
+    engine.plain_backward(rollouts)
+    out["first_compiled_floor_seconds"] = time.perf_counter() - started
+    for _ in range(repeats):
+        measure(rows["compiled floor"], engine.device, lambda: engine.plain_backward(rollouts))
+    try:
+        exact(rollouts)
+        for _ in range(repeats):
+            measure(rows["compiled exact"], engine.device, lambda: exact(rollouts))
+    except Exception as exc:  # the finding: exact's per-batch hooks under a compiled graph
+        out["compiled_exact_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    out.update({name: row.best for name, row in rows.items() if row.seconds})
+    out["compiled_floor_vs_floor"] = out["compiled floor"] / out["floor"]
+    if "compiled exact" in out:
+        out["compiled_exact_vs_exact"] = out["compiled exact"] / out["exact"]
+    echo(f"  torch.compile: floor {out['floor']:.2f} s -> {out['compiled floor']:.2f} s "
+         f"(first call {out['first_compiled_floor_seconds']:.1f} s)")
+    return out
 
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -279,6 +356,19 @@ def format_scaling(result: dict) -> str:
                  f"time per response token spread {result['exact_time_per_token_spread']:.2f}x "
                  f"(cpu time {result['exact_cpu_time_per_token_spread']:.2f}x)")
     lines.append("scaling targets: " + ", ".join(f"{k}={v}" for k, v in result["targets"].items()))
+    if "batch_size" in result:
+        effect = result["batch_size"]
+        lines.append(f"exact at {effect['groups']} groups of {effect['group_rows_x_width']} rows x width "
+                     f"({effect['activation_mb_per_token']:.2f} MB of activations per token), by groups per batch: " + ", ".join(
+                         f"{k}: {v['seconds_per_1k_tokens']:.2f} s per 1k tokens ({v['vs_best']:.2f}x the best)"
+                         for k, v in effect["per_batch"].items()))
+    if "compile" in result:
+        c = result["compile"]
+        line = (f"torch.compile at {c['groups']} groups: floor {c['compiled_floor_vs_floor']:.2f}x eager's time "
+                f"(compiling: {c['first_compiled_floor_seconds']:.1f} s); exact ")
+        line += (f"{c['compiled_exact_vs_exact']:.2f}x eager's" if "compiled_exact_vs_exact" in c
+                 else f"fails: {c['compiled_exact_error']}")
+        lines.append(line)
     if "attention" in result:
         effect = result["attention"]
         impls = effect["implementations"]
