@@ -129,6 +129,11 @@ def test_every_planned_batch_is_within_the_budget():
     assert plan_pass(cost, 1 << 30, COLLECT, largest).split_extra == cost.gradient
 
 
+def _sizes(batches) -> list[int]:
+    return [sum(len(c.records) for c in b) * max(len(r.prompt_ids) + len(r.response_ids) for c in b for r in c.records)
+            for b in batches]
+
+
 def test_batches_are_balanced_without_adding_a_pass():
     """Greedy packing fills batches to the limit and leaves the rest to the last one; the plan keeps greedy's
     number of batches and makes the largest as small as that number allows, in the groups' order."""
@@ -143,14 +148,8 @@ def test_batches_are_balanced_without_adding_a_pass():
                            for k in range(4, 10)]  # 4 groups of 320, then 6 of 80
     greedy_largest = 12 * 80  # greedy at 1000: [3 wide] 960, [1 wide + 2 narrow] 960, [4 narrow] 320
     batches = list(plan_batches(uneven, 1000))
-    sizes = [sum(len(c.records) for c in b) * max(len(r.prompt_ids) + len(r.response_ids) for c in b for r in c.records)
-             for b in batches]
+    sizes = _sizes(batches)
     assert len(batches) == 3 and max(sizes) < greedy_largest and all(size <= 1000 for size in sizes)
-
-
-def _sizes(batches) -> list[int]:
-    return [sum(len(c.records) for c in b) * max(len(r.prompt_ids) + len(r.response_ids) for c in b for r in c.records)
-            for b in batches]
 
 
 def test_batches_are_packed_up_to_the_target_and_never_split_for_it():

@@ -54,9 +54,8 @@ def score_command(
     ),
     target_batch_tokens: Optional[int] = typer.Option(
         None, "--target-batch-tokens", min=0,
-        help="Rows x width batches are packed to at most within the budget (default: 768 MiB of activations on CPU, none on "
-        "CUDA; "
-        "0: batches fill the budget).",
+        help="Rows x width batches are packed to at most within the budget (default: 768 MiB of activations on CPU, "
+        "none on CUDA; 0: batches fill the budget).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the rand mode (and of fewer-responses' choice)."),
     optimizer_state: Optional[Path] = typer.Option(

@@ -97,9 +97,9 @@ class ScoringEngine:
     `memory_budget` (bytes, a fraction of the device's memory, or their text: "4GiB", "0.8") bounds the
     working memory of every pass; `target_batch_tokens` is the rows x width batches are packed to at most
     within it (None: the device's default, on CPU 768 MiB of activations' worth, none on CUDA; 0: none, batches
-    fill the budget);
-    `max_batch_tokens`, when set, bounds rows x width of one batched forward instead. They are attributes a
-    caller may change between requests (memory_budget through set_memory_budget); none changes any score.
+    fill the budget); `max_batch_tokens`, when set, bounds rows x width of one batched forward instead. They
+    are attributes a caller may change between requests (memory_budget through set_memory_budget); none
+    changes any score.
     """
 
     def __init__(

@@ -89,7 +89,7 @@ class BatchPlan:
     `fixed` is what the pass holds whatever its batches; `split_extra` what a batch holding part of a group
     too large for one batch adds (that group's gradient buffer). `token_limit`, when set, replaces the
     budget's test by rows x width <= token_limit (the old --max-batch-tokens). `target_tokens`, when set,
-    is the rows x width beyond which a batch is no faster on the device (DEFAULT_TARGET_BATCH_TOKENS):
+    is the rows x width beyond which a batch is no faster on the device (resolve_batch_target):
     groups are packed together up to it and no further, within the budget; a group larger than it is a
     batch of its own, never split for it. It does not apply under a token limit.
     """

@@ -33,8 +33,7 @@ class ScoringSettings(WorkerSettings):
         default=None, ge=0,
         description="rows x width batches are packed to at most within the memory budget (a group is never split "
         "for it): unset, the device's default (on CPU the tokens whose activations take 768 MiB, where larger "
-        "batches are no faster; none on CUDA); "
-        "0, none: batches fill the budget",
+        "batches are no faster; none on CUDA); 0, none: batches fill the budget",
     )
     max_batch_tokens: Optional[int] = Field(
         default=None, ge=1,
