@@ -23,12 +23,14 @@ from gradalign_common.rewards import BatchJudge, RewardItem, get_reward_fn, scor
 
 @dataclass(frozen=True)
 class Sampling:
-    n: int = 1
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
+    """How responses are sampled, the same for every backend (vLLM's SamplingParams, HF generate)."""
+
+    n: int = 1  # responses per prompt
+    max_tokens: int = 16  # new tokens per response at most
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept; 1 = all
+    seed: int = 0  # the call's seed; each generate batch's torch seed is batch_seed(seed, batch index)
+    stop: tuple[str, ...] = ()  # strings that end a response (the token completing one is kept)
 
 
 @dataclass(frozen=True)
@@ -65,16 +67,9 @@ def _generate(model, input_ids: torch.Tensor, attention: torch.Tensor, sampling:
     do_sample = sampling.temperature > 0
     kwargs = dict(temperature=sampling.temperature, top_p=sampling.top_p) if do_sample else {}
     return model.generate(
-        input_ids=input_ids,
-        attention_mask=attention,
-        max_new_tokens=sampling.max_tokens,
-        do_sample=do_sample,
-        num_return_sequences=n,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        input_ids=input_ids, attention_mask=attention, eos_token_id=eos_id, pad_token_id=pad_id,
+        max_new_tokens=sampling.max_tokens, num_return_sequences=n, do_sample=do_sample, top_k=None, **kwargs,
         use_cache=True,
-        top_k=None,
-        **kwargs,
     )
 
 

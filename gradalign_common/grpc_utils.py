@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from concurrent import futures
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -183,6 +183,25 @@ def build_server(
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return server, health_servicer, bound
+
+
+def build_service_server(settings, service_name: str, add_to_server: Callable[[Any, grpc.Server], None], servicer):
+    """build_server for a worker service from its settings (host, port, max_concurrent_requests), with
+    `servicer` added by the generated `add_*Servicer_to_server`; not started. Returns (server, health, port)."""
+    server, health_servicer, port = build_server(
+        settings.host, settings.port, [service_name], capacity=settings.max_concurrent_requests
+    )
+    add_to_server(servicer, server)
+    return server, health_servicer, port
+
+
+def serve_until_signalled(settings, service_name: str, server: grpc.Server, health_servicer, port: int, **log_fields) -> None:
+    """Start a server from build_service_server, mark it serving and run it until SIGTERM/SIGINT (then drain);
+    `settings` gives the metrics endpoint and the shutdown grace."""
+    server.start()
+    mark_serving(health_servicer, [service_name])
+    log.info("serving", service=service_name, address=f"{settings.host}:{port}", **log_fields)
+    run_until_signalled(server, health_servicer, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s)
 
 
 def mark_serving(health_servicer: health.HealthServicer, service_names: list[str]) -> None:

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 from gradalign_common.errors import InvalidInputError
+from gradalign_common.registry import Registry
 
 RewardFn = Callable[[str, str], float]
-_REGISTRY: dict[str, RewardFn] = {}
+_REGISTRY: Registry[RewardFn] = Registry("data_source", "data sources")
 _HEAVY: set[str] = set()  # data sources whose reward may be slow (math-verify): eligible for a process pool
 _JUDGED: set[str] = set()  # data sources always scored by a model judge
 
@@ -63,7 +64,7 @@ class BatchJudge(Protocol):
 def register_reward(*data_sources: str, heavy: bool = False) -> Callable[[RewardFn], RewardFn]:
     def decorator(fn: RewardFn) -> RewardFn:
         for name in data_sources:
-            _REGISTRY[name] = fn
+            _REGISTRY.add(name, fn, replace=True)
             (_HEAVY.add if heavy else _HEAVY.discard)(name)
             _JUDGED.discard(name)
         return fn
@@ -74,7 +75,7 @@ def register_reward(*data_sources: str, heavy: bool = False) -> Callable[[Reward
 def register_judged(*data_sources: str) -> None:
     """Data sources scored only by a model judge (score_batch with a judge)."""
     for name in data_sources:
-        _REGISTRY[name] = functools.partial(_needs_judge, name)
+        _REGISTRY.add(name, functools.partial(_needs_judge, name), replace=True)
         _JUDGED.add(name)
         _HEAVY.discard(name)
 
@@ -93,16 +94,11 @@ class JudgeRequiredError(InvalidInputError):
 
 
 def reward_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_reward_fn(data_source: str) -> RewardFn:
-    try:
-        return _REGISTRY[data_source]
-    except KeyError:
-        raise InvalidInputError(
-            f"unknown data_source {data_source!r}: no reward function; known: {', '.join(reward_names())}"
-        ) from None
+    return _REGISTRY.get(data_source)
 
 
 def is_judged(data_source: str, judge_sources: Iterable[str] = ()) -> bool:

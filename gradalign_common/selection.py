@@ -23,6 +23,7 @@ import numpy as np
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_common.records import ScoreRecord
+from gradalign_common.registry import Registry
 
 
 class ValidationSource(enum.Enum):
@@ -72,7 +73,7 @@ class SelectionMode:
         return float(self.score_fn(signals))
 
 
-_MODES: dict[str, SelectionMode] = {}
+_MODES: Registry[SelectionMode] = Registry("selection mode", "modes", SelectionMode)
 
 
 def register_mode(
@@ -83,27 +84,14 @@ def register_mode(
         raise ValueError(f"mode {name!r}: a mode needs a validation source exactly when it needs gradients")
 
     def decorator(score_fn: ScoreFunction) -> ScoreFunction:
-        if name in _MODES:
-            raise ValueError(f"selection mode {name!r} is already registered")
-        _MODES[name] = SelectionMode(name, needs_gradients, validation, highest_first, score_fn)
+        _MODES.add(name, SelectionMode(name, needs_gradients, validation, highest_first, score_fn))
         return score_fn
 
     return decorator
 
 
-def mode_names() -> list[str]:
-    """Names of the registered modes, sorted."""
-    return sorted(_MODES)
-
-
-def get_mode(name: str | SelectionMode) -> SelectionMode:
-    """The registered mode called `name`; InvalidInputError listing the valid modes if there is none."""
-    if isinstance(name, SelectionMode):
-        return name
-    try:
-        return _MODES[name]
-    except KeyError:
-        raise InvalidInputError(f"unknown selection mode {name!r}; valid modes: {', '.join(mode_names())}") from None
+mode_names = _MODES.names  # the registered modes' names, sorted
+get_mode = _MODES.get  # the mode called `name` (a SelectionMode as it is); InvalidInputError listing the modes
 
 
 def seeded_uniform_scores(problem_ids: Iterable[str], seed: int) -> dict[str, float]:

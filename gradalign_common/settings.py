@@ -31,6 +31,14 @@ class WorkerSettings(BaseSettings):
         "for this service (GRADALIGN_SCHEDULER_ROLLOUT_SLOTS / _SCORING_SLOTS / _TRAINER_SLOTS), or the scheduler's "
         "extra requests are refused and retried",
     )
+    def configure_process(self, service: str):
+        """Structured logging at log_level and, when torch_threads is set, torch's intra-op threads; the logger."""
+        from gradalign_common.logging_setup import configure_logging
+        from gradalign_common.modeling import configure_torch_threads
+
+        configure_torch_threads(self.torch_threads)
+        return configure_logging(service, self.log_level)
+
     shutdown_grace_s: float = Field(
         default=3600.0,
         ge=0,

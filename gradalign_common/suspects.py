@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from gradalign_common.errors import InvalidInputError
+from gradalign_common.registry import Registry
 from gradalign_common.selection import ValidationSource, get_mode
 
 SUSPECT = "suspect"
@@ -87,7 +88,7 @@ class FlagRule:
         return float(threshold)
 
 
-_RULES: dict[str, FlagRule] = {}
+_RULES: Registry[FlagRule] = Registry("flag rule", "rules", FlagRule)
 
 
 def register_rule(
@@ -99,27 +100,15 @@ def register_rule(
         raise ValueError(f"flag rule {name!r}: default threshold outside its range")
 
     def decorator(fn: RuleFunction) -> RuleFunction:
-        if name in _RULES:
-            raise ValueError(f"flag rule {name!r} is already registered")
         description = " ".join((fn.__doc__ or "").split())
-        _RULES[name] = FlagRule(name, default_threshold, threshold_range, needs_alignment, needs_cosine, description, fn)
+        _RULES.add(name, FlagRule(name, default_threshold, threshold_range, needs_alignment, needs_cosine, description, fn))
         return fn
 
     return decorator
 
 
-def rule_names() -> list[str]:
-    return sorted(_RULES)
-
-
-def get_rule(name: str | FlagRule) -> FlagRule:
-    """The registered rule called `name`; InvalidInputError listing the rules if there is none."""
-    if isinstance(name, FlagRule):
-        return name
-    try:
-        return _RULES[name]
-    except KeyError:
-        raise InvalidInputError(f"unknown flag rule {name!r}; valid rules: {', '.join(rule_names())}") from None
+rule_names = _RULES.names  # the registered rules' names, sorted
+get_rule = _RULES.get  # the rule called `name` (a FlagRule as it is); InvalidInputError listing the rules
 
 
 # ---- which modes carry the alignment -----------------------------------------------------------

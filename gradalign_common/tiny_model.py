@@ -6,6 +6,7 @@ partial accuracy, and saved as a normal Hugging Face model directory.
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,17 @@ from gradalign_common.tiny_task import MAX_OPERAND, arith_problem
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    hidden_size: int = 64
-    num_layers: int = 2
+    """A tiny Qwen2 (architecture) and its supervised warm start on the arithmetic task (training)."""
+
+    hidden_size: int = 64  # residual width
+    num_layers: int = 2  # decoder layers
     # head size 32 (64 / 2): vLLM's CPU attention needs 32, 64, 80, 96, 112 or 128 (the rollout
     # service's vllm backend runs the tiny model on CPU); same parameters and FLOPs as 4 heads
     # of 16 with 2 KV heads
     num_heads: int = 2
-    num_kv_heads: int = 1
-    intermediate_size: int = 192
-    max_positions: int = 64
+    num_kv_heads: int = 1  # grouped-query attention
+    intermediate_size: int = 192  # MLP width
+    max_positions: int = 64  # prompt + response tokens at most
     # whether a warm start "clicks" (~45% greedy accuracy on the pairs it trains on) or stays near
     # 7% is a lottery over seeds at 300 steps; 450 steps make the default seed click with 2 heads
     warmup_steps: int = 450
@@ -36,23 +39,22 @@ class TinyModelSpec:
 
 
 def build_tiny_model(spec: TinyModelSpec, tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(spec.seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return Qwen2ForCausalLM(qwen2_config(spec, len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad))
+
+
+def qwen2_config(spec: TinyModelSpec, vocab_size: int, **extra):
+    """The Qwen2 config (tied embeddings) of `spec`'s architecture; `extra` sets token ids and other fields."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=True, **extra,
     )
-    return Qwen2ForCausalLM(config)
 
 
 def supervised_step(model, tokenizer, batch: list[tuple[str, str]], opt, sched) -> float:
@@ -106,3 +108,19 @@ def build_and_save(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), e
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return save_checkpoint(model, tokenizer, out_dir)
+
+
+def save_perturbed_copy(checkpoint: Path, out: Path, scale: float = 0.3, seed: int = 0) -> Path:
+    """Another checkpoint of the same architecture and tokenizer at `out`: every weight (the embeddings too)
+    plus seeded noise of `scale` times that tensor's std. For checks that a service really swapped weights."""
+    from gradalign_common.modeling import load_model
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(checkpoint, out)
+    model = load_model(checkpoint)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    model.save_pretrained(out)
+    return out

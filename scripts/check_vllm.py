@@ -23,7 +23,6 @@ CPU (tests/test_vllm_rollout.py); this script is what a lent GPU machine runs.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -55,10 +54,10 @@ def main() -> int:
 
     from gradalign_common.datasets import load_problems
     from gradalign_common.generation import Sampling, prompt_token_ids
-    from gradalign_common.modeling import load_model, resolve_dtype
+    from gradalign_common.modeling import resolve_dtype
     from gradalign_common.prompts import render_prompt
     from gradalign_common.records import read_rollouts, write_problems
-    from gradalign_common.tiny_model import TinyModelSpec, build_and_save
+    from gradalign_common.tiny_model import TinyModelSpec, build_and_save, save_perturbed_copy
     from gradalign_common.tiny_task import write_splits
     from services.rollout.backends import create_backend
     from services.rollout.settings import RolloutSettings
@@ -122,15 +121,7 @@ def main() -> int:
     # 3. in-place weight swap and back
     # another checkpoint of the same architecture: the weights with seeded noise (the embeddings
     # too: vLLM 0.32's own reload left a tied lm_head computing with the old ones)
-    perturbed = work / "tiny-perturbed"
-    shutil.rmtree(perturbed, ignore_errors=True)
-    shutil.copytree(ckpt, perturbed)
-    model = load_model(ckpt)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
-    model.save_pretrained(perturbed)
+    perturbed = save_perturbed_copy(ckpt, work / "tiny-perturbed")
     hf = create_backend(RolloutSettings(backend="hf", device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32"))
     hf.load(str(perturbed))
     h_swapped = hf.generate(ids, greedy)

@@ -14,9 +14,9 @@ from services.trainer.losses import (
     get_policy_loss,
     kl_low_var,
     masked_mean,
-    policy_loss,
     policy_loss_names,
     token_log_probs,
+    vanilla_policy_loss,
 )
 
 
@@ -57,7 +57,7 @@ def test_loss_and_advantages_match_a_hand_computation_on_a_small_batch():
             unclipped, clipped = -a * r, -a * min(max(r, 0.8), 1.2)
             total += max(unclipped, clipped)
             clipped_tokens += clipped > unclipped
-    loss, clip_fraction = policy_loss(log_probs, old, adv, mask, clip_eps=0.2)
+    loss, clip_fraction = vanilla_policy_loss(log_probs, old, adv, mask, clip_eps=0.2)
     assert loss.item() == pytest.approx(total / 8, rel=1e-5)
     assert clip_fraction.item() == pytest.approx(clipped_tokens / 8)
     # only response 1's second token (A < 0, r = 0.75 < 0.8) is clipped; response 2's first
@@ -66,7 +66,7 @@ def test_loss_and_advantages_match_a_hand_computation_on_a_small_batch():
 
     # at ratio 1 the loss is -sum_j A_j |y_j| / sum_j |y_j| and d loss / d log p = -A / 8 per token
     at_one = log_probs.detach().clone().requires_grad_(True)
-    loss1, _ = policy_loss(at_one, at_one.detach(), adv, mask, clip_eps=0.2)
+    loss1, _ = vanilla_policy_loss(at_one, at_one.detach(), adv, mask, clip_eps=0.2)
     assert loss1.item() == pytest.approx(-sum(a * n for a, n in zip(advantages, lengths)) / 8, abs=1e-6)
     loss1.backward()
     assert torch.allclose(at_one.grad, -adv * mask / 8, atol=1e-7)
@@ -79,7 +79,7 @@ def test_clipping_engages_when_the_ratio_leaves_the_trust_region():
     mask = torch.ones_like(ratios)
     old = torch.zeros_like(ratios)
     log_probs = torch.log(ratios).requires_grad_(True)
-    loss, clip_fraction = policy_loss(log_probs, old, advantages, mask, clip_eps=eps)
+    loss, clip_fraction = vanilla_policy_loss(log_probs, old, advantages, mask, clip_eps=eps)
     # token 0: r=1.5, A>0 -> clipped at 1.2; token 1: r=0.5, A<0 -> clipped at 0.8; others unclipped
     expected = [-1.2, 0.8, -1.1, 1.5, 0.9]
     assert loss.item() == pytest.approx(sum(expected) / 5, rel=1e-6)
@@ -97,7 +97,7 @@ def test_masked_tokens_do_not_count():
     log_probs = torch.zeros(1, 4)
     advantages = torch.tensor([[1.0, 1.0, 5.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    loss, _ = policy_loss(log_probs, log_probs, advantages, mask, clip_eps=0.2)
+    loss, _ = vanilla_policy_loss(log_probs, log_probs, advantages, mask, clip_eps=0.2)
     assert loss.item() == pytest.approx(-1.0)
 
 

@@ -16,7 +16,6 @@ from services.trainer.grpo import (
     batch_for_step,
     pack_micro_batch,
     target_log_probs,
-    train_grpo,
 )
 from trainer_fixtures import constant_answer_problems, made_up_rollouts
 
@@ -77,7 +76,7 @@ def test_a_step_is_deterministic_for_a_seed(random_tiny_checkpoint):
     for _ in range(2):
         model, tokenizer = load_model(random_tiny_checkpoint), load_tokenizer(random_tiny_checkpoint)
         initial = _state(model)
-        metrics = train_grpo(model, tokenizer, problems, config)
+        metrics = GRPOTrainer(model, tokenizer, problems, config).run()
         runs.append(([dataclasses.replace(m, tokens_per_second=0.0) for m in metrics], _state(model)))
     (metrics_a, weights_a), (metrics_b, weights_b) = runs
     assert [m.step for m in metrics_a] == [1, 2]
@@ -92,7 +91,7 @@ def test_mean_reward_rises_on_a_learnable_task(random_tiny_checkpoint):
     model, tokenizer = load_model(random_tiny_checkpoint), load_tokenizer(random_tiny_checkpoint)
     config = GRPOConfig(steps=20, batch_size=8, n_samples=16, learning_rate=1e-2, max_tokens=1, micro_batch_size=64)
     calls = []
-    metrics = train_grpo(model, tokenizer, constant_answer_problems(16), config, on_step=calls.append)
+    metrics = GRPOTrainer(model, tokenizer, constant_answer_problems(16), config).run(on_step=calls.append)
     assert calls == metrics and len(metrics) == 20
     rewards = [m.mean_reward for m in metrics]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -131,7 +130,7 @@ def test_first_step_reuses_given_rollouts(random_tiny_checkpoint):
     reused = made_up_rollouts(tokenizer, problems, 8)
     reused = {pid: rs[2:6] + rs[:2] + rs[6:] for pid, rs in reused.items()}
     initial = _state(model)
-    first, second = train_grpo(model, tokenizer, problems, SMALL, first_batch_rollouts=reused)
+    first, second = GRPOTrainer(model, tokenizer, problems, SMALL, first_batch_rollouts=reused).run()
     assert first.mean_reward == 0.5  # the made-up rewards, not fresh samples (the random model scores ~0)
     assert first.response_length == pytest.approx(1.5)  # "7" and "xy"
     assert first.clip_fraction == 0.0 and first.grad_norm > 0
@@ -143,7 +142,7 @@ def test_kl_to_the_reference_model(random_tiny_checkpoint):
     model, tokenizer = load_model(random_tiny_checkpoint), load_tokenizer(random_tiny_checkpoint)
     ref = load_model(random_tiny_checkpoint)
     config = dataclasses.replace(SMALL, steps=3, kl_coef=0.1, entropy_coef=0.05, learning_rate=1e-2)
-    metrics = train_grpo(model, tokenizer, constant_answer_problems(4), config, ref_model=ref)
+    metrics = GRPOTrainer(model, tokenizer, constant_answer_problems(4), config, ref_model=ref).run()
     assert metrics[0].kl == pytest.approx(0.0, abs=1e-7)  # the policy equals the reference before its first step
     assert metrics[-1].kl > 0
     assert all(not p.requires_grad for p in ref.parameters())

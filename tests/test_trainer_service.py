@@ -187,7 +187,7 @@ def test_the_policy_loss_setting_is_checked_at_start_up_and_used(
     random_tiny_checkpoint, problems_path, artifacts, monkeypatch
 ):
     monkeypatch.setenv("GRADALIGN_TRAINER_POLICY_LOSS", "nope")
-    with pytest.raises(ValidationError, match="unknown policy loss 'nope'; known: vanilla"):
+    with pytest.raises(ValidationError, match="unknown policy loss 'nope'; valid policy losses: vanilla"):
         TrainerSettings()  # what serve() reads at start-up
     monkeypatch.delenv("GRADALIGN_TRAINER_POLICY_LOSS")
 
@@ -197,7 +197,7 @@ def test_the_policy_loss_setting_is_checked_at_start_up_and_used(
         calls.append(1)
         return losses.vanilla_policy_loss(*args)
 
-    monkeypatch.setitem(losses._POLICY_LOSSES, "counted", counted)
+    monkeypatch.setitem(losses.POLICY_LOSSES.entries, "counted", counted)
     settings = TrainerSettings(host="127.0.0.1", port=0, artifact_root=artifacts, policy_loss="counted")
     server, _, port = create_server(settings)
     server.start()

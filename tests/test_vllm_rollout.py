@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
-import torch
 
 from gradalign_common.datasets import load_problems
 from gradalign_common.generation import Sampling, sample_responses
@@ -27,6 +25,7 @@ from gradalign_common.grpc_utils import channel
 from gradalign_common.modeling import load_model, load_tokenizer
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
 from gradalign_common.records import read_rollouts, write_problems
+from gradalign_common.tiny_model import save_perturbed_copy
 from gradalign_common.tiny_task import write_splits
 from gradalign_tools.stack import LocalStack, StackConfig, free_port
 from vllm_fixtures import REPO, VLLM_ROLLOUT_ENV, rollout_metrics, vllm_python
@@ -166,13 +165,7 @@ def test_checkpoint_swap_in_place_and_back(service, tiny_model_dir, problems, hf
     before = rollout_metrics(metrics_port)
 
     # another checkpoint of the same architecture and tokenizer: the weights with seeded noise
-    other = shutil.copytree(tiny_model_dir, tmp_path / "round-1")
-    model = load_model(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
-    model.save_pretrained(other)
+    other = save_perturbed_copy(tiny_model_dir, tmp_path / "round-1")
     hf_other = (load_model(other), hf[1])
 
     swapped = _generate(stub, other, problems, tmp_path / "b.parquet", **greedy)[2]

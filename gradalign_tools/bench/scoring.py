@@ -61,6 +61,7 @@ from gradalign_common.modeling import parse_dtype
 from gradalign_common.records import RolloutRecord, group_rollouts
 from gradalign_common.scoring_methods import parse_method
 from gradalign_common.selection import get_mode
+from gradalign_common.tiny_model import TinyModelSpec, qwen2_config
 from gradalign_tools.bench.scoring_fidelity import fidelity
 from gradalign_tools.bench.scoring_measure import Row, measure, synchronize
 from gradalign_tools.bench.scoring_reference import ReferenceMethod, response_tokens
@@ -82,17 +83,17 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
-    layers: int = 4
-    hidden: int = 256
-    intermediate: int = 768
-    heads: int = 4
-    kv_heads: int = 2
+    layers: int = 4  # the random-weight Qwen2's decoder layers
+    hidden: int = 256  # its residual width
+    intermediate: int = 768  # its MLP width
+    heads: int = 4  # attention heads
+    kv_heads: int = 2  # key/value heads
     vocab: int = 2048
-    groups: int = 64
-    responses: int = 8
-    tokens: int = 80
-    prompt_tokens: int = 24
-    validation_groups: int = 16
+    groups: int = 64  # candidate problems
+    responses: int = 8  # responses per problem
+    tokens: int = 80  # tokens per response
+    prompt_tokens: int = 24  # tokens per prompt at most
+    validation_groups: int = 16  # validation problems
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 1
@@ -122,18 +123,12 @@ def build_model(cfg: BenchConfig):
     """The random-weight Qwen2 causal LM of the benchmark (tied embeddings), seeded."""
     import transformers
 
-    config = transformers.Qwen2Config(
-        vocab_size=cfg.vocab,
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        tie_word_embeddings=True,
-        max_position_embeddings=max(512, 2 * (cfg.prompt_tokens + cfg.tokens)),
+    spec = TinyModelSpec(
+        hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads, num_kv_heads=cfg.kv_heads,
+        intermediate_size=cfg.intermediate, max_positions=max(512, 2 * (cfg.prompt_tokens + cfg.tokens)),
     )
     torch.manual_seed(cfg.seed)
-    return transformers.Qwen2ForCausalLM(config).eval()
+    return transformers.Qwen2ForCausalLM(qwen2_config(spec, cfg.vocab)).eval()
 
 
 def make_rollouts(cfg: BenchConfig, n_groups: int, prefix: str, seed: int) -> list[RolloutRecord]:

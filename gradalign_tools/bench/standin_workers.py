@@ -13,6 +13,7 @@ RESOURCE_EXHAUSTED, like the real workers (gradalign_common.request_gate). Used 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,37 +57,54 @@ class CallLog:
             return list(self.calls)
 
 
-def _admit(gate: RequestGate | None):
-    return gate.slot() if gate is not None else contextlib.nullcontext()
+class _ClientCancelled(Exception):
+    """The client cancelled the call while it slept: it stops and writes nothing."""
 
 
-def _sleep(seconds: float, context) -> bool:
-    """Sleep `seconds` in small steps; False as soon as the client cancelled the call."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if context is not None and not context.is_active():
-            return False
-        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-    return True
+def _stand_in_rpc(service: str):
+    """A stand-in's RPC: gRPC errors mapped (rpc_errors), admitted through the servicer's gate when it has one,
+    and logged once in its CallLog when it ends (as cancelled when the client cancelled it)."""
+
+    def decorator(method):
+        @rpc_errors(service)
+        @functools.wraps(method)
+        def rpc(self, request, context):
+            started, cancelled = time.monotonic(), False
+            with self.gate.slot() if self.gate is not None else contextlib.nullcontext():
+                try:
+                    yield from method(self, request, context)
+                except _ClientCancelled:
+                    cancelled = True
+            self.log.add(Call(service, request.request_id, started, time.monotonic(), cancelled=cancelled))
+
+        return rpc
+
+    return decorator
 
 
-class StandInRollout(rollout_pb2_grpc.RolloutServiceServicer):
-    """Generate: n responses per problem, alternating rewards (so no group has zero advantage)."""
+class _StandIn:
+    """What the stand-ins share: `seconds` each call (the trainer: each step) takes, the call log, the gate."""
 
     def __init__(self, seconds: float, log: CallLog, gate: RequestGate | None = None):
         self.seconds, self.log, self.gate = seconds, log, gate
 
-    @rpc_errors("rollout")
-    def Generate(self, request, context):
-        with _admit(self.gate):
-            yield from self._generate(request, context)
+    @staticmethod
+    def _sleep(seconds: float, context) -> None:
+        """Sleep `seconds` in small steps; _ClientCancelled as soon as the client cancelled the call."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if context is not None and not context.is_active():
+                raise _ClientCancelled
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
-    def _generate(self, request, context):
-        started = time.monotonic()
+
+class StandInRollout(_StandIn, rollout_pb2_grpc.RolloutServiceServicer):
+    """Generate: n responses per problem, alternating rewards (so no group has zero advantage)."""
+
+    @_stand_in_rpc("rollout")
+    def Generate(self, request, context):
         problems = read_problems(request.problems_path)
-        if not _sleep(self.seconds, context):
-            self.log.add(Call("rollout", request.request_id, started, time.monotonic(), cancelled=True))
-            return
+        self._sleep(self.seconds, context)
         n = max(1, request.sampling.n)
         records = [
             RolloutRecord(p.problem_id, (1, 2), (3, 4, 5), float((i + j) % 2), bool((i + j) % 2), "x")
@@ -100,7 +118,6 @@ class StandInRollout(rollout_pb2_grpc.RolloutServiceServicer):
             )
             for pid, group in group_rollouts(records).items()
         ]
-        self.log.add(Call("rollout", request.request_id, started, time.monotonic()))
         yield rollout_pb2.GenerateEvent(
             result=rollout_pb2.GenerateResult(
                 output_path=request.output_path, stats=stats, n_responses=len(records),
@@ -109,23 +126,13 @@ class StandInRollout(rollout_pb2_grpc.RolloutServiceServicer):
         )
 
 
-class StandInScoring(scoring_pb2_grpc.ScoringServiceServicer):
+class StandInScoring(_StandIn, scoring_pb2_grpc.ScoringServiceServicer):
     """Score: a deterministic score per candidate problem (from its id)."""
 
-    def __init__(self, seconds: float, log: CallLog, gate: RequestGate | None = None):
-        self.seconds, self.log, self.gate = seconds, log, gate
-
-    @rpc_errors("scoring")
+    @_stand_in_rpc("scoring")
     def Score(self, request, context):
-        with _admit(self.gate):
-            yield from self._score(request, context)
-
-    def _score(self, request, context):
-        started = time.monotonic()
         groups = group_rollouts(r for path in request.candidate_paths for r in read_rollouts(path))
-        if not _sleep(self.seconds, context):
-            self.log.add(Call("scoring", request.request_id, started, time.monotonic(), cancelled=True))
-            return
+        self._sleep(self.seconds, context)
         for pid, group in groups.items():
             yield scoring_pb2.ScoreEvent(
                 score=scoring_pb2.ProblemScore(
@@ -133,37 +140,25 @@ class StandInScoring(scoring_pb2_grpc.ScoringServiceServicer):
                     n_responses=len(group), zero_advantage=False,
                 )
             )
-        self.log.add(Call("scoring", request.request_id, started, time.monotonic()))
         yield scoring_pb2.ScoreEvent(
             summary=scoring_pb2.ScoreSummary(n_problems=len(groups), compute_seconds=self.seconds)
         )
 
 
-class StandInTrainer(training_pb2_grpc.TrainerServiceServicer):
-    """Train: one sleep per step, step metrics streamed, then an (empty) checkpoint directory."""
+class StandInTrainer(_StandIn, training_pb2_grpc.TrainerServiceServicer):
+    """Train: one sleep of `seconds` per step, step metrics streamed, then an (empty) checkpoint directory."""
 
-    def __init__(self, seconds_per_step: float, log: CallLog, gate: RequestGate | None = None):
-        self.seconds_per_step, self.log, self.gate = seconds_per_step, log, gate
-
-    @rpc_errors("trainer")
+    @_stand_in_rpc("trainer")
     def Train(self, request, context):
-        with _admit(self.gate):
-            yield from self._train(request, context)
-
-    def _train(self, request, context):
-        started = time.monotonic()
         steps = max(1, request.hyperparams.steps)
         for step in range(1, steps + 1):
-            if not _sleep(self.seconds_per_step, context):
-                self.log.add(Call("trainer", request.request_id, started, time.monotonic(), cancelled=True))
-                return
+            self._sleep(self.seconds, context)
             yield training_pb2.TrainEvent(step=training_pb2.StepMetrics(step=step, loss=0.0))
         out = Path(request.output_checkpoint)
         out.mkdir(parents=True, exist_ok=True)
         (out / "stand-in.txt").write_text(request.request_id)
-        self.log.add(Call("trainer", request.request_id, started, time.monotonic()))
         yield training_pb2.TrainEvent(
-            result=training_pb2.TrainResult(checkpoint=str(out), steps=steps, compute_seconds=steps * self.seconds_per_step)
+            result=training_pb2.TrainResult(checkpoint=str(out), steps=steps, compute_seconds=steps * self.seconds)
         )
 
 

@@ -42,10 +42,9 @@ from gradalign_common.errors import InvalidInputError
 from gradalign_common.generation import (
     Sampling, batch_seed, length_sorted_batches, prompt_token_ids, reward_items, rollout_records,
 )
-from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
+from gradalign_common.grpc_utils import build_service_server, rpc_errors, serve_until_signalled, stop_if_cancelled
 from gradalign_common.judge import JudgeConfig, JudgeError, JudgeUnavailableError, ModelJudge
-from gradalign_common.logging_setup import configure_logging, get_logger
-from gradalign_common.modeling import configure_torch_threads
+from gradalign_common.logging_setup import get_logger
 from gradalign_common.pb import common_pb2, rollout_pb2, rollout_pb2_grpc
 from gradalign_common.prompts import render_prompt
 from gradalign_common.records import read_problems, write_rollouts
@@ -109,13 +108,9 @@ def judge_from_settings(settings: RolloutSettings) -> ModelJudge | None:
     key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
     return ModelJudge(
         JudgeConfig(
-            base_url=settings.judge_base_url,
-            model=settings.judge_model,
-            api_key=key,
-            timeout_s=settings.judge_timeout_s,
-            retries=settings.judge_retries,
-            concurrency=settings.judge_concurrency,
-            max_tokens=settings.judge_max_tokens,
+            base_url=settings.judge_base_url, model=settings.judge_model, api_key=key,
+            timeout_s=settings.judge_timeout_s, retries=settings.judge_retries,
+            concurrency=settings.judge_concurrency, max_tokens=settings.judge_max_tokens,
         )
     )
 
@@ -301,25 +296,16 @@ def problem_stats(records) -> list[common_pb2.ProblemStats]:
 
 
 def create_server(settings: RolloutSettings, servicer: RolloutServicer | None = None):
-    server, health, port = build_server(
-        settings.host, settings.port, [SERVICE_NAME], capacity=settings.max_concurrent_requests
-    )
-    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer or RolloutServicer(settings), server)
-    return server, health, port
+    """The RolloutService (`servicer`, or a new one) and health on a server, not started: (server, health, port)."""
+    add = rollout_pb2_grpc.add_RolloutServiceServicer_to_server
+    return build_service_server(settings, SERVICE_NAME, add, servicer or RolloutServicer(settings))
 
 
 def serve(settings: RolloutSettings) -> None:
-    configure_logging("rollout", settings.log_level)
-    configure_torch_threads(settings.torch_threads)
+    settings.configure_process("rollout")
     servicer = RolloutServicer(settings)
-    server, health, port = create_server(settings, servicer)
-    server.start()
-    mark_serving(health, [SERVICE_NAME])
-    log.info("serving", address=f"{settings.host}:{port}", backend=settings.backend)
     try:
-        run_until_signalled(
-            server, health, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s
-        )
+        serve_until_signalled(settings, SERVICE_NAME, *create_server(settings, servicer), backend=settings.backend)
     finally:
         servicer.close()
 

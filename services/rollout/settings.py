@@ -18,11 +18,8 @@ class RolloutSettings(WorkerSettings):
         description="model dtype of both backends: auto = bfloat16 on CUDA, float32 on CPU "
         "(gradalign_common.modeling.resolve_dtype); an explicit float32 | bfloat16 | float16 wins",
     )
-    batch_size: int = Field(
-        default=64, ge=1,
-        description="prompts per generate call (each sampled n times); progress is streamed after each. "
-        "With vllm use a large value (e.g. 1024): the engine schedules within a call",
-    )
+    # progress is streamed after each call; vllm schedules within a call, so give it a large value (e.g. 1024)
+    batch_size: int = Field(default=64, ge=1, description="prompts per generate call, each sampled n times; vllm: e.g. 1024")
     max_model_len: int = Field(default=4096, ge=8, description="prompt + max_tokens must fit")
     # vllm backend
     tensor_parallel_size: int = Field(default=1, ge=1)

@@ -36,15 +36,21 @@ def new_uid() -> str:
     return uuid.uuid4().hex
 
 
+def parent_key(table: str):
+    """A child row's key to its parent in `table`: indexed, and the child is deleted with the parent."""
+    return mapped_column(ForeignKey(f"{table}.id", ondelete="CASCADE"), index=True)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, dt.datetime: DateTime(timezone=True)}
+
+    id: Mapped[int] = mapped_column(primary_key=True, sort_order=-1)  # every table's surrogate key, its first column
 
 
 class Experiment(Base):
     __tablename__ = "experiments"
     __table_args__ = (UniqueConstraint("uid", name="uq_experiments_uid"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
     # never reused (SQLite hands a deleted row's id to the next one): keys the artifact directory and every
     # worker request id, so no experiment can meet another's outputs
     uid: Mapped[str] = mapped_column(String(36), default=new_uid)
@@ -74,8 +80,7 @@ class PoolProblem(Base):
     __tablename__ = "pool_problems"
     __table_args__ = (UniqueConstraint("experiment_id", "position"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    experiment_id: Mapped[int] = parent_key("experiments")
     position: Mapped[int] = mapped_column(Integer)
     problem_id: Mapped[str] = mapped_column(String(200))
 
@@ -84,8 +89,7 @@ class Round(Base):
     __tablename__ = "rounds"
     __table_args__ = (UniqueConstraint("experiment_id", "index"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    experiment_id: Mapped[int] = parent_key("experiments")
     index: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20))  # services.scheduler.status.RoundStatus
     checkpoint_in: Mapped[str] = mapped_column(Text)
@@ -112,8 +116,7 @@ class Stage(Base):
     __tablename__ = "stages"
     __table_args__ = (UniqueConstraint("round_id", "name"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    round_id: Mapped[int] = parent_key("rounds")
     name: Mapped[str] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(20))  # services.scheduler.status.StageStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -137,8 +140,7 @@ class Candidate(Base):
     __tablename__ = "candidates"
     __table_args__ = (UniqueConstraint("round_id", "problem_id"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    round_id: Mapped[int] = parent_key("rounds")
     problem_id: Mapped[str] = mapped_column(String(200))
     n_responses: Mapped[int] = mapped_column(Integer)
     accuracy: Mapped[float] = mapped_column(Float)
@@ -154,8 +156,7 @@ class TrainStep(Base):
     __tablename__ = "train_steps"
     __table_args__ = (UniqueConstraint("round_id", "step"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    round_id: Mapped[int] = parent_key("rounds")
     step: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]]
 
@@ -165,7 +166,6 @@ class ApiToken(Base):
 
     __tablename__ = "api_tokens"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -177,7 +177,6 @@ class Dataset(Base):
 
     __tablename__ = "datasets"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     path: Mapped[str] = mapped_column(Text)
     n_rows: Mapped[int] = mapped_column(Integer)

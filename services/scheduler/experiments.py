@@ -83,16 +83,11 @@ class ExperimentService:
 
     def get(self, exp_id: int) -> Experiment:
         with self.sessions() as s:
-            exp = s.get(Experiment, exp_id)
-            if exp is None:
-                raise NotFoundError(f"experiment {exp_id} not found")
-            return exp
+            return _experiment(s, exp_id)
 
     def cancel(self, exp_id: int) -> Experiment:
         with self.sessions() as s:
-            exp = s.get(Experiment, exp_id)
-            if exp is None:
-                raise NotFoundError(f"experiment {exp_id} not found")
+            exp = _experiment(s, exp_id)
             if exp.status in TERMINAL:
                 raise ConflictError(f"experiment {exp_id} is already {exp.status}")
             exp.status, exp.finished_at, exp.current_stage, exp.status_detail = ExperimentStatus.CANCELLED, utcnow(), None, None
@@ -103,9 +98,7 @@ class ExperimentService:
     def resume(self, exp_id: int) -> Experiment:
         """Put a failed or cancelled experiment back in the queue; it continues at its current stage."""
         with self.sessions() as s:
-            exp = s.get(Experiment, exp_id)
-            if exp is None:
-                raise NotFoundError(f"experiment {exp_id} not found")
+            exp = _experiment(s, exp_id)
             if exp.status not in (ExperimentStatus.FAILED, ExperimentStatus.CANCELLED):
                 raise ConflictError(f"experiment {exp_id} is {exp.status}; only failed or cancelled experiments resume")
             exp.status = ExperimentStatus.RUNNING if exp.started_at else ExperimentStatus.PENDING
@@ -124,9 +117,7 @@ class ExperimentService:
         """Delete an experiment: its rows and its artifacts. A running one is cancelled first (the orchestrator
         driving it cancels its in-flight worker calls when it sees the experiment gone)."""
         with self.sessions() as s:
-            exp = s.get(Experiment, exp_id)
-            if exp is None:
-                raise NotFoundError(f"experiment {exp_id} not found")
+            exp = _experiment(s, exp_id)
             if exp.status in ACTIVE:
                 exp.status, exp.finished_at, exp.current_stage, exp.status_detail = ExperimentStatus.CANCELLED, utcnow(), None, None
                 s.commit()
@@ -234,3 +225,11 @@ def remove_experiment_artifacts(store: ArtifactStore, uid: str) -> None:
         return
     shutil.rmtree(trash, ignore_errors=True)
     log.info("experiment_artifacts_removed", uid=uid, path=str(directory))
+
+
+def _experiment(s, exp_id: int) -> Experiment:
+    """The experiment row `exp_id` in session `s`; NotFoundError when there is none."""
+    exp = s.get(Experiment, exp_id)
+    if exp is None:
+        raise NotFoundError(f"experiment {exp_id} not found")
+    return exp

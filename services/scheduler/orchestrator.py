@@ -243,13 +243,8 @@ class Orchestrator:
             exp.current_stage = stage.name
             exp.status_detail = None  # a retry's "waiting for ..." described the attempt before this one
             rt = StageRuntime(
-                experiment_id=exp.id,
-                uid=exp.uid,
-                spec=spec,
-                round_index=rnd.index,
-                round_id=rnd.id,
-                stage_id=stage.id,
-                checkpoint_in=rnd.checkpoint_in,
+                experiment_id=exp.id, uid=exp.uid, spec=spec,
+                round_index=rnd.index, round_id=rnd.id, stage_id=stage.id, checkpoint_in=rnd.checkpoint_in,
                 previous=RoundResults.from_rows({st.name: st.result or {} for st in rnd.stages if st.status == StageStatus.SUCCEEDED}),
                 platform=self,
             )

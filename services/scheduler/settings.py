@@ -105,10 +105,7 @@ class SchedulerSettings(BaseSettings):
     @field_validator("suspect_rule")
     @classmethod
     def _known_rule(cls, v: str) -> str:
-        try:
-            return get_rule(v).name
-        except InvalidInputError as exc:
-            raise ValueError(str(exc)) from None
+        return get_rule(v).name  # InvalidInputError is a ValueError: pydantic reports it on the field
 
     @model_validator(mode="after")
     def _threshold_fits_rule(self) -> "SchedulerSettings":

@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from gradalign_common.errors import InvalidInputError
 from gradalign_common.memory_budget import parse_memory_budget
 from gradalign_common.round_policy import DEFAULT_SKIP_BASE, DEFAULT_SKIP_CAP, SkipDead
 from gradalign_common.scoring_methods import parse_method
@@ -104,21 +103,15 @@ class ExperimentSpec(BaseModel):
     @field_validator("scoring_method")
     @classmethod
     def _known_scoring_method(cls, v: str) -> str:
-        try:
-            return parse_method(v).name
-        except InvalidInputError as exc:
-            raise ValueError(str(exc)) from None
+        return parse_method(v).name  # InvalidInputError is a ValueError: pydantic reports it on the field
 
     @field_validator("scoring_memory_budget")
     @classmethod
     def _is_a_memory_budget(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
+        if v is not None:
             parse_memory_budget(v)
-        except InvalidInputError as exc:
-            raise ValueError(str(exc)) from None
-        return v.strip()
+            v = v.strip()
+        return v
 
     @field_validator("mode")
     @classmethod

@@ -116,63 +116,48 @@ class WorkerCall:
                 scope.discard(call)
 
 
-def generate(
-    address: str,
-    deadline_s: float,
-    request: rollout_pb2.GenerateRequest,
-    progress: ProgressFn | None = None,
-    scope: CallScope | None = None,
-) -> rollout_pb2.GenerateResult:
+    def read(self, open_stream: Callable[[grpc.Channel], Iterator], final: str, on: dict[str, Callable | None]):
+        """Stream the call, handing each event's payload to `on[its oneof field]`; returns the last `final`
+        payload, or WorkerRejected when the stream ended without one."""
+        last = None
+        for event in self.stream(open_stream):
+            kind = event.WhichOneof("event")
+            if kind == final:
+                last = getattr(event, kind)
+            elif on.get(kind):
+                on[kind](getattr(event, kind))
+        if last is None:
+            raise WorkerRejected(self.service, self.address, grpc.StatusCode.INTERNAL, f"stream ended without a {final}")
+        return last
+
+
+def _on_progress(progress: ProgressFn | None) -> Callable | None:
+    return progress and (lambda p: progress(p.done, p.total, p.unit))
+
+
+def generate(address: str, deadline_s: float, request: rollout_pb2.GenerateRequest,
+             progress: ProgressFn | None = None, scope: CallScope | None = None) -> rollout_pb2.GenerateResult:
+    """Generate: the rollout worker's result; `progress(done, total, unit)` as it reports."""
     call = WorkerCall("rollout", address, deadline_s, scope)
-    result = None
-    for event in call.stream(lambda ch: rollout_pb2_grpc.RolloutServiceStub(ch).Generate(request, timeout=deadline_s)):
-        if event.HasField("progress") and progress:
-            progress(event.progress.done, event.progress.total, event.progress.unit)
-        elif event.HasField("result"):
-            result = event.result
-    if result is None:
-        raise WorkerRejected("rollout", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
-    return result
+    return call.read(lambda ch: rollout_pb2_grpc.RolloutServiceStub(ch).Generate(request, timeout=deadline_s),
+                     "result", {"progress": _on_progress(progress)})
 
 
-def score(
-    address: str,
-    deadline_s: float,
-    request: scoring_pb2.ScoreRequest,
-    progress: ProgressFn | None = None,
-    scope: CallScope | None = None,
-) -> tuple[list[scoring_pb2.ProblemScore], scoring_pb2.ScoreSummary]:
-    call = WorkerCall("scoring", address, deadline_s, scope)
-    scores, summary = [], None
-    for event in call.stream(lambda ch: scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=deadline_s)):
-        if event.HasField("progress") and progress:
-            progress(event.progress.done, event.progress.total, event.progress.unit)
-        elif event.HasField("score"):
-            scores.append(event.score)
-        elif event.HasField("summary"):
-            summary = event.summary
-    if summary is None:
-        raise WorkerRejected("scoring", address, grpc.StatusCode.INTERNAL, "stream ended without a summary")
+def score(address: str, deadline_s: float, request: scoring_pb2.ScoreRequest, progress: ProgressFn | None = None,
+          scope: CallScope | None = None) -> tuple[list[scoring_pb2.ProblemScore], scoring_pb2.ScoreSummary]:
+    """Score: every candidate's score and the summary; `progress(done, total, unit)` as it reports."""
+    call, scores = WorkerCall("scoring", address, deadline_s, scope), []
+    summary = call.read(lambda ch: scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=deadline_s),
+                        "summary", {"progress": _on_progress(progress), "score": scores.append})
     return scores, summary
 
 
-def train(
-    address: str,
-    deadline_s: float,
-    request: training_pb2.TrainRequest,
-    on_step: Callable[[training_pb2.StepMetrics], None] | None = None,
-    scope: CallScope | None = None,
-) -> training_pb2.TrainResult:
+def train(address: str, deadline_s: float, request: training_pb2.TrainRequest,
+          on_step: Callable[[training_pb2.StepMetrics], None] | None = None, scope: CallScope | None = None) -> training_pb2.TrainResult:
+    """Train: the trainer's result; `on_step(metrics)` after each GRPO step."""
     call = WorkerCall("trainer", address, deadline_s, scope)
-    result = None
-    for event in call.stream(lambda ch: training_pb2_grpc.TrainerServiceStub(ch).Train(request, timeout=deadline_s)):
-        if event.HasField("step") and on_step:
-            on_step(event.step)
-        elif event.HasField("result"):
-            result = event.result
-    if result is None:
-        raise WorkerRejected("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
-    return result
+    return call.read(lambda ch: training_pb2_grpc.TrainerServiceStub(ch).Train(request, timeout=deadline_s),
+                     "result", {"step": on_step})
 
 
 def sampling_params(n: int, max_tokens: int, temperature: float, top_p: float, seed: int) -> common_pb2.SamplingParams:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from gradalign_common.registry import Registry
 from gradalign_common.scoring_methods import FAMILIES, MethodSpec, parse_method
 from services.scoring import exact_loop
 from services.scoring.exact_collector import ExactCollector
@@ -49,22 +50,19 @@ class ScoringMethod:
     gradient_size: Callable[["ScoringEngine", MethodSpec], int]
 
 
-_METHODS: dict[str, ScoringMethod] = {}
+_METHODS: Registry[ScoringMethod] = Registry("scoring method family", "families")
 
 
 def register_method(method: ScoringMethod) -> ScoringMethod:
     """Register the implementation of a method family named in gradalign_common.scoring_methods.FAMILIES."""
     if method.family not in FAMILIES:
         raise ValueError(f"scoring method family {method.family!r} has no name in gradalign_common.scoring_methods")
-    if method.family in _METHODS:
-        raise ValueError(f"scoring method family {method.family!r} is already registered")
-    _METHODS[method.family] = method
-    return method
+    return _METHODS.add(method.family, method)
 
 
 def get_method(method: str | MethodSpec) -> ScoringMethod:
     """The implementation of `method`'s family; InvalidInputError (from parse_method) for an unknown name."""
-    return _METHODS[parse_method(method).family]
+    return _METHODS.get(parse_method(method).family)
 
 
 # ----------------------------------------------------------------------------- shared pieces

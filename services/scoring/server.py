@@ -36,8 +36,8 @@ import torch
 from grpc_health.v1 import health
 
 from gradalign_common.errors import InvalidInputError, NotFoundError
-from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
-from gradalign_common.logging_setup import configure_logging, get_logger
+from gradalign_common.grpc_utils import build_service_server, mark_serving, rpc_errors, serve_until_signalled, stop_if_cancelled
+from gradalign_common.logging_setup import get_logger
 from gradalign_common.pb import common_pb2, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.request_gate import RequestGate
@@ -236,26 +236,26 @@ def _progress_event(done: int, total: int) -> scoring_pb2.ScoreEvent:
 def _score_event(record: ScoreRecord) -> scoring_pb2.ScoreEvent:
     return scoring_pb2.ScoreEvent(
         score=scoring_pb2.ProblemScore(
-            problem_id=record.problem_id,
-            score=record.score,
-            accuracy=record.accuracy,
-            n_responses=record.n_responses,
-            zero_advantage=record.zero_advantage,
+            problem_id=record.problem_id, score=record.score, accuracy=record.accuracy,
+            n_responses=record.n_responses, zero_advantage=record.zero_advantage,
         )
     )
+
+
+def create_server(settings: ScoringSettings, servicer: ScoringServicer | None = None):
+    """A server with the ScoringService (`servicer`, or a new one) and health registered (not started);
+    returns (server, health, port)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    servicer = servicer or ScoringServicer(settings)
+    return build_service_server(settings, SERVICE_NAME, scoring_pb2_grpc.add_ScoringServiceServicer_to_server, servicer)
 
 
 def start_server(
     settings: ScoringSettings, servicer: ScoringServicer | None = None
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """Build and start a server with the ScoringService (`servicer`, or a new one) and health service;
-    returns (server, health, bound port)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    server, health_servicer, port = build_server(
-        settings.host, settings.port, [SERVICE_NAME], capacity=settings.max_concurrent_requests
-    )
-    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer or ScoringServicer(settings), server)
+    """create_server, started and marked serving; returns (server, health, bound port)."""
+    server, health_servicer, port = create_server(settings, servicer)
     server.start()
     mark_serving(health_servicer, [SERVICE_NAME])
     return server, health_servicer, port
@@ -263,12 +263,8 @@ def start_server(
 
 def serve(settings: ScoringSettings) -> None:
     """Run the scoring service until SIGTERM/SIGINT."""
-    logger = configure_logging("scoring", settings.log_level)
-    server, health_servicer, port = start_server(settings)
-    logger.info("serving", service=SERVICE_NAME, host=settings.host, port=port)
-    run_until_signalled(
-        server, health_servicer, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s
-    )
+    settings.configure_process("scoring")
+    serve_until_signalled(settings, SERVICE_NAME, *create_server(settings))
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ from typing import Optional
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from gradalign_common.errors import InvalidInputError
 from gradalign_common.settings import WorkerSettings
 from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, parse_memory_budget
 
@@ -43,8 +42,5 @@ class ScoringSettings(WorkerSettings):
     @field_validator("memory_budget")
     @classmethod
     def _is_a_memory_budget(cls, value: str) -> str:
-        try:
-            parse_memory_budget(value)
-        except InvalidInputError as exc:
-            raise ValueError(str(exc)) from None
+        parse_memory_budget(value)  # InvalidInputError is a ValueError: pydantic reports it on the field
         return value

@@ -47,20 +47,21 @@ class GRPOConfig:
     steps: int = 1
     batch_size: int = 8  # problems per step
     n_samples: int = 8  # responses per problem
-    learning_rate: float = 1e-6
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
+    learning_rate: float = 1e-6  # AdamW
+    weight_decay: float = 0.0  # AdamW, decoupled
+    clip_eps: float = 0.2  # PPO ratio clip
+    kl_coef: float = 0.0  # low-variance KL to the reference model; > 0 needs one
     entropy_coef: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 16  # responses per forward/backward
+    policy_loss: str = "vanilla"  # a name in services.trainer.losses.POLICY_LOSSES
+    # sampling of the on-policy rollouts (see sampling())
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0
-    weight_decay: float = 0.0
     stop: tuple[str, ...] = ()
+    seed: int = 0
     generation_batch_size: int = 32  # problems per generate call
-    policy_loss: str = "vanilla"
 
     def validate(self) -> None:
         """Raise InvalidInputError naming the first out-of-range field."""
@@ -342,16 +343,3 @@ class GRPOTrainer:
         ]
 
 
-
-def train_grpo(
-    model,
-    tokenizer,
-    problems: Sequence[Problem],
-    config: GRPOConfig,
-    ref_model=None,
-    first_batch_rollouts: Mapping[str, Sequence[RolloutRecord]] | None = None,
-    on_step: StepCallback | None = None,
-) -> list[StepMetrics]:
-    """Run config.steps GRPO steps on `problems`, updating `model` in place; returns the metrics per step."""
-    trainer = GRPOTrainer(model, tokenizer, problems, config, ref_model, first_batch_rollouts)
-    return trainer.run(on_step)

@@ -23,36 +23,30 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from gradalign_common.errors import InvalidInputError
+from gradalign_common.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios to [-20, 20] before exp
 KL_CLAMP = 10.0  # verl clamps the k3 estimate to [-10, 10]
 
 PolicyLossFn = Callable[..., tuple[Tensor, Tensor]]
-_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss", "policy losses")
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Register fn(log_probs, old_log_probs, advantages, mask, clip_eps, num_tokens) -> (loss, clip_fraction)."""
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        _POLICY_LOSSES[name] = fn
-        return fn
+        return POLICY_LOSSES.add(name, fn)
 
     return decorator
 
 
 def policy_loss_names() -> list[str]:
-    return sorted(_POLICY_LOSSES)
+    return POLICY_LOSSES.names()
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
-    try:
-        return _POLICY_LOSSES[name]
-    except KeyError:
-        raise InvalidInputError(
-            f"unknown policy loss {name!r}; known: {', '.join(policy_loss_names())}"
-        ) from None
+    return POLICY_LOSSES.get(name)
 
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -107,16 +101,3 @@ def vanilla_policy_loss(
     losses = torch.maximum(unclipped, clipped)
     clip_fraction = masked_mean(torch.gt(clipped, unclipped).float(), mask, num_tokens)
     return masked_mean(losses, mask, num_tokens), clip_fraction.detach()
-
-
-def policy_loss(
-    log_probs: Tensor,
-    old_log_probs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_eps: float,
-    num_tokens: Tensor | float | None = None,
-    mode: str = "vanilla",
-) -> tuple[Tensor, Tensor]:
-    """The registered policy loss `mode` (default the clipped PPO surrogate): (loss, clip_fraction)."""
-    return get_policy_loss(mode)(log_probs, old_log_probs, advantages, mask, clip_eps, num_tokens)

@@ -52,9 +52,9 @@ import grpc
 
 from gradalign_common.checkpoint_retention import sweep_stale_checkpoint_temporaries
 from gradalign_common.errors import InvalidInputError
-from gradalign_common.grpc_utils import build_server, mark_serving, rpc_errors, run_until_signalled, stop_if_cancelled
-from gradalign_common.logging_setup import configure_logging, get_logger
-from gradalign_common.modeling import check_model_dir, configure_torch_threads
+from gradalign_common.grpc_utils import build_service_server, rpc_errors, serve_until_signalled, stop_if_cancelled
+from gradalign_common.logging_setup import get_logger
+from gradalign_common.modeling import check_model_dir
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
 from gradalign_common.records import read_problems
 from gradalign_common.request_gate import RequestGate
@@ -216,14 +216,9 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
                 f"hyperparams.batch_size {config.batch_size} is larger than the selection ({len(problems)} problems)"
             )
         return TrainPlan(
-            request_id=request.request_id,
-            fingerprint=fingerprint,
-            config=config,
-            checkpoint=checkpoint,
-            reference=reference,
-            problems_path=problems_path,
-            problems=problems,
-            output=output,
+            request_id=request.request_id, fingerprint=fingerprint, config=config,
+            checkpoint=checkpoint, reference=reference, output=output,
+            problems_path=problems_path, problems=problems,
             rollouts_paths=[self.settings.artifact_path(p) for p in request.rollouts_paths if p],
             reused={},
             export_optimizer_state=request.export_optimizer_state,
@@ -244,22 +239,14 @@ class TrainerServicer(training_pb2_grpc.TrainerServiceServicer):
 def create_server(settings: TrainerSettings, servicer: TrainerServicer | None = None):
     """A server with the TrainerService (`servicer`, or a new one) and health registered (not started);
     returns (server, health, port)."""
-    server, health, port = build_server(
-        settings.host, settings.port, [SERVICE_NAME], capacity=settings.max_concurrent_requests
-    )
-    training_pb2_grpc.add_TrainerServiceServicer_to_server(servicer or TrainerServicer(settings), server)
-    return server, health, port
+    servicer = servicer or TrainerServicer(settings)
+    return build_service_server(settings, SERVICE_NAME, training_pb2_grpc.add_TrainerServiceServicer_to_server, servicer)
 
 
 def serve(settings: TrainerSettings) -> None:
-    configure_logging("trainer", settings.log_level)
-    configure_torch_threads(settings.torch_threads)
+    settings.configure_process("trainer")
     startup_housekeeping(settings)
-    server, health, port = create_server(settings)
-    server.start()
-    mark_serving(health, [SERVICE_NAME])
-    log.info("serving", address=f"{settings.host}:{port}", backend=settings.backend)
-    run_until_signalled(server, health, settings.metrics_host, settings.metrics_port, shutdown_grace_s=settings.shutdown_grace_s)
+    serve_until_signalled(settings, SERVICE_NAME, *create_server(settings), backend=settings.backend)
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
-
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from gradalign_common.artifacts import atomic_write_bytes
 from gradalign_tools.bench.quality.config import RUN_FORMAT, run_hash
@@ -31,25 +31,33 @@ def load_run(path: Path, config_hash: str) -> dict | None:
     return run
 
 
-def run_benchmark(
-    config: dict,
-    results: Path,
-    *,
-    seeds: Sequence[int] | None = None,
-    modes: Sequence[str] | None = None,
-    model_cache: Path | None = None,
-    progress: bool = True,
-    echo=print,
-) -> dict[tuple[str, int], dict]:
-    """Run (or load, when already finished) every mode x seed; write the summary and the plots."""
+@dataclass(frozen=True)
+class RunScope:
+    """Which runs of a regime to do, where warm-start models are cached, and how progress is shown."""
+
+    seeds: Sequence[int] | None = None  # None: the config's seeds
+    modes: Sequence[str] | None = None  # None: the config's modes
+    model_cache: Path | None = None  # None: <results>/models
+    progress: bool = True  # a progress bar over the rounds (stderr)
+    echo: Callable[[str], None] = print  # where the run counts are written
+
+    def runs(self, config: dict) -> tuple[list[int], list[str]]:
+        """The seeds and modes to run."""
+        return list(config["seeds"] if self.seeds is None else self.seeds), list(config["modes"] if self.modes is None else self.modes)
+
+    def cache(self, results: Path) -> Path:
+        return self.model_cache or results / "models"
+
+
+def run_benchmark(config: dict, results: Path, scope: RunScope = RunScope()) -> dict[tuple[str, int], dict]:
+    """Run (or load, when already finished) every mode x seed of `scope`; write the summary and the plots."""
     from tqdm import tqdm
 
     from gradalign_common.modeling import configure_torch_threads
 
-    seeds = list(config["seeds"] if seeds is None else seeds)
-    modes = list(config["modes"] if modes is None else modes)
+    seeds, modes = scope.runs(config)
     results.mkdir(parents=True, exist_ok=True)
-    cache = model_cache or results / "models"
+    cache, echo = scope.cache(results), scope.echo
     configure_torch_threads(int(config["threads"]))
     with contextlib.suppress(ImportError):  # one progress bar: not transformers' per checkpoint load
         from transformers.utils import logging as hf_logging
@@ -71,7 +79,7 @@ def run_benchmark(
         f"gradalign bench quality: regime {config['name']}, {len(modes)} modes x {len(seeds)} seeds; "
         f"{len(runs)} runs already finished in {results}, {len(todo)} to run"
     )
-    bar = tqdm(total=len(todo) * rounds, unit="round", desc=config["name"], disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(todo) * rounds, unit="round", desc=config["name"], disable=not scope.progress, file=sys.stderr)
     with bar:
         for mode, seed in todo:
             bar.set_postfix_str(f"{mode} seed {seed}: warm start")

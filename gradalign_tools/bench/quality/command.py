@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from gradalign_common.errors import InvalidInputError
-from gradalign_tools.bench.quality.benchmark import run_benchmark
+from gradalign_tools.bench.quality.benchmark import RunScope, run_benchmark
 from gradalign_tools.bench.quality.config import load_config
 
 
@@ -56,17 +56,18 @@ def quality_command(
     if skip_dead not in (None, "on", "off", "both"):
         typer.echo(f"error: --skip-dead must be on, off or both, got {skip_dead!r}", err=True)
         raise typer.Exit(2)
+    scope = RunScope(seeds=seed_list, modes=mode_list, model_cache=model_cache, progress=progress, echo=typer.echo)
     started = time.perf_counter()
     if skip_dead == "both":
         from gradalign_tools.bench.quality.skipping import run_skip_comparison
 
-        run_skip_comparison(cfg, results, seeds=seed_list, modes=mode_list, model_cache=model_cache, progress=progress, echo=typer.echo)
+        run_skip_comparison(cfg, results, scope)
         typer.echo((results / "skipping.md").read_text())
         typer.echo(f"wrote {results / 'skipping.md'}, {results / 'skipping.csv'} in {time.perf_counter() - started:.0f} s")
         return
     if skip_dead is not None:
         cfg["loop"]["skip_dead"]["enabled"] = skip_dead == "on"
-    run_benchmark(cfg, results, seeds=seed_list, modes=mode_list, model_cache=model_cache, progress=progress, echo=typer.echo)
+    run_benchmark(cfg, results, scope)
     typer.echo((results / "summary.md").read_text())
     typer.echo(f"wrote {results / 'summary.md'}, {results / 'summary.csv'}, {results / 'accuracy.png'}, "
                f"{results / 'selected_fraction.png'} in {time.perf_counter() - started:.0f} s")

@@ -28,12 +28,12 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """The tiny Qwen2 (gradalign_common.tiny_model.TinyModelSpec's architecture fields)."""
 
-    hidden_size: int = 96
-    num_layers: int = 3
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 288
-    max_positions: int = 32
+    hidden_size: int = 96  # residual width
+    num_layers: int = 3  # decoder layers
+    num_heads: int = 4  # attention heads of hidden_size / num_heads each
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention)
+    intermediate_size: int = 288  # MLP width
+    max_positions: int = 32  # prompt + response tokens at most
 
 
 class WarmStart(_Section):
@@ -76,16 +76,16 @@ class SkipDeadSection(_Section):
 
 
 class Loop(_Section):
-    rounds: int = 8
-    chunk_size: int = 128
-    k: int = 4
-    n_samples_train: int = 8
-    n_samples_val: int = 8
-    max_tokens: int = 5
+    rounds: int = 8  # each: rollout, score, select, train
+    chunk_size: int = 128  # candidates per round (M)
+    k: int = 4  # keep M / k of them
+    n_samples_train: int = 8  # responses per candidate
+    n_samples_val: int = 8  # responses per validation problem
+    max_tokens: int = 5  # per response
     temperature: Number = 1.0
     top_p: Number = 1.0
-    generation_batch_size: int = 128
-    scoring_method: str = "exact"
+    generation_batch_size: int = 128  # problems per generate call
+    scoring_method: str = "exact"  # a name parse_method accepts (gradalign_common.scoring_methods)
     skip_dead: SkipDeadSection = SkipDeadSection()
 
 

@@ -24,11 +24,13 @@ configs under benchmarks/quality/skip/ use a smaller pool that the rounds walk 2
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from gradalign_common.artifacts import atomic_write_bytes
+from gradalign_tools.bench.quality.benchmark import RunScope, run_benchmark
 from gradalign_tools.bench.quality.stats import mean, std
 
 SKIP_COLUMNS = [
@@ -143,35 +145,21 @@ def write_skip_report(config: dict, results: Path, rows: Sequence[dict]) -> None
     atomic_write_bytes(results / "skipping.md", ("\n".join(skip_markdown(config, rows)) + "\n").encode())
 
 
-def run_skip_comparison(
-    config: dict,
-    results: Path,
-    *,
-    seeds: Sequence[int] | None = None,
-    modes: Sequence[str] | None = None,
-    model_cache: Path | None = None,
-    progress: bool = True,
-    echo=print,
-) -> list[dict]:
-    """Every mode x seed without and with skipping (resumable: finished runs are reused); the paired report."""
-    from gradalign_tools.bench.quality.benchmark import run_benchmark
-
-    seeds = list(config["seeds"] if seeds is None else seeds)
-    modes = list(config["modes"] if modes is None else modes)
+def run_skip_comparison(config: dict, results: Path, scope: RunScope = RunScope()) -> list[dict]:
+    """Every mode x seed of `scope` without and with skipping (resumable: finished runs are reused); the paired report."""
+    seeds, modes = scope.runs(config)
     results.mkdir(parents=True, exist_ok=True)
-    cache = model_cache or results / "models"
+    scope = dataclasses.replace(scope, modes=modes, model_cache=scope.cache(results))
     runs: dict[bool, dict] = {False: {}, True: {}}
     n = config["loop"]["n_samples_train"]
     for seed in seeds:  # seed by seed: an interrupted comparison still has whole pairs, and a report of them
         for enabled in (False, True):
-            runs[enabled].update(
-                run_benchmark(with_skip(config, enabled), variant_dir(results, enabled), seeds=[seed], modes=modes,
-                              model_cache=cache, progress=progress, echo=echo)
-            )
+            one_seed = dataclasses.replace(scope, seeds=[seed])
+            runs[enabled].update(run_benchmark(with_skip(config, enabled), variant_dir(results, enabled), one_seed))
         write_skip_report(config, results, skip_rows(runs[False], runs[True], modes, seeds, n))
     for enabled in (False, True):  # each variant's summary over every seed
-        run_benchmark(with_skip(config, enabled), variant_dir(results, enabled), seeds=seeds, modes=modes,
-                      model_cache=cache, progress=False, echo=echo)
+        every_seed = dataclasses.replace(scope, seeds=seeds, progress=False)
+        run_benchmark(with_skip(config, enabled), variant_dir(results, enabled), every_seed)
     rows = skip_rows(runs[False], runs[True], modes, seeds, n)
     write_skip_report(config, results, rows)
     return rows
