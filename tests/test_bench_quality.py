@@ -11,19 +11,16 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from gradalign_tools.bench.quality import load_config, paired_against, run_hash
-from gradalign_tools.cli import app
+
+from cli_helpers import invoke, invoke_ok, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "benchmarks" / "quality" / "smoke.yaml"
 MODES = ["sim", "dot", "align", "accgreedy", "rand"]
 SEEDS = [0, 1]
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(app, ["bench", "quality", "--no-progress", *args])
+QUALITY = ("bench", "quality", "--no-progress")
 
 
 def _assert_png(path: Path) -> None:
@@ -35,10 +32,7 @@ def _assert_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> tuple[Path, str]:
-    results = tmp_path_factory.mktemp("quality") / "smoke"
-    result = _invoke("--config", str(SMOKE), "--results", str(results))
-    assert result.exit_code == 0, result.output
-    return results, result.output
+    return run_bench(tmp_path_factory.mktemp("quality") / "smoke", *QUALITY, "--config", str(SMOKE))
 
 
 def test_the_smoke_benchmark_writes_runs_tables_and_plots(smoke_results):
@@ -138,9 +132,8 @@ def test_a_rerun_skips_finished_runs_and_redoes_missing_stale_or_broken_ones(smo
     before = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     assert len(before) == len(MODES) * len(SEEDS)
 
-    again = _invoke("--config", str(SMOKE), "--results", str(results))
-    assert again.exit_code == 0, again.output
-    assert "10 runs already finished" in again.output and "0 to run" in again.output
+    again = invoke_ok(*QUALITY, "--config", str(SMOKE), "--results", str(results))
+    assert "10 runs already finished" in again and "0 to run" in again
     assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")} == before
 
     # a run that never finished (killed: no file, or a leftover temporary file), a broken file,
@@ -151,9 +144,8 @@ def test_a_rerun_skips_finished_runs_and_redoes_missing_stale_or_broken_ones(smo
     stale = json.loads((runs / "dot-seed1.json").read_text())
     stale["config_hash"] = "0" * 16
     (runs / "dot-seed1.json").write_text(json.dumps(stale))
-    resumed = _invoke("--config", str(SMOKE), "--results", str(results))
-    assert resumed.exit_code == 0, resumed.output
-    assert "7 runs already finished" in resumed.output and "3 to run" in resumed.output
+    resumed = invoke_ok(*QUALITY, "--config", str(SMOKE), "--results", str(results))
+    assert "7 runs already finished" in resumed and "3 to run" in resumed
     after = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     changed = {name for name in after if after[name] != before.get(name)}
     assert changed == {"rand-seed1.json", "sim-seed0.json", "dot-seed1.json"}
@@ -163,9 +155,8 @@ def test_a_rerun_skips_finished_runs_and_redoes_missing_stale_or_broken_ones(smo
 def test_seeds_and_modes_can_be_narrowed(smoke_results, tmp_path):
     results, _ = smoke_results
     out = tmp_path / "narrow"
-    result = _invoke("--config", str(SMOKE), "--results", str(out), "--seeds", "1", "--modes", "rand,sim",
-                     "--model-cache", str(results / "models"))
-    assert result.exit_code == 0, result.output
+    invoke_ok(*QUALITY, "--config", str(SMOKE), "--results", str(out), "--seeds", "1", "--modes", "rand,sim",
+              "--model-cache", str(results / "models"))
     assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["rand-seed1.json", "sim-seed1.json"]
     assert not (out / "models").exists()  # the shared cache was used
     with (out / "summary.csv").open() as fh:
@@ -195,7 +186,7 @@ def test_a_bad_config_is_refused_with_the_reason(tmp_path, text, message):
             base[key] = value
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(base))
-    result = _invoke("--config", str(path), "--results", str(tmp_path / "out"))
+    result = invoke(*QUALITY, "--config", str(path), "--results", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "out").exists()
@@ -270,13 +261,12 @@ def test_flags_offline_command(smoke_results, tmp_path):
     results, _ = smoke_results
     copy = tmp_path / "copy"
     shutil.copytree(results / "runs", copy / "runs")
-    out = CliRunner().invoke(app, ["bench", "quality-flags", "--results", str(copy), "--rules", "cosine@-0.1,pass_rate"])
-    assert out.exit_code == 0, out.output
-    assert "| sim | cosine@-0.1 |" in out.output and "| rand | pass_rate@0 |" in out.output
+    out = invoke_ok("bench", "quality-flags", "--results", str(copy), "--rules", "cosine@-0.1,pass_rate")
+    assert "| sim | cosine@-0.1 |" in out and "| rand | pass_rate@0 |" in out
     with (copy / "flags.csv").open() as fh:
         assert {r["rule"] for r in csv.DictReader(fh)} == {"cosine@-0.1", "pass_rate@0"}
-    bad = CliRunner().invoke(app, ["bench", "quality-flags", "--results", str(copy), "--rules", "cosine@7"])
+    bad = invoke("bench", "quality-flags", "--results", str(copy), "--rules", "cosine@7")
     assert bad.exit_code == 2 and "threshold of rule 'cosine'" in bad.output
     empty = tmp_path / "empty"
     (empty / "runs").mkdir(parents=True)
-    assert CliRunner().invoke(app, ["bench", "quality-flags", "--results", str(empty)]).exit_code == 1
+    assert invoke("bench", "quality-flags", "--results", str(empty)).exit_code == 1

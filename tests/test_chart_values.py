@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy_fixtures import CHART, FULLNAME, GPU_VALUES, KUBE_VERSIONS, NAMESPACE, RELEASE, ROOT, VALUE_SETS, by_kind
 from deploy_fixtures import container_of, env_of, gradalign_containers, helm_runner, render_value_sets, write_external_values
@@ -86,33 +88,22 @@ def test_docs_describe_what_users_must_set():
 # --- values.schema.json: wrong values fail at install --------------------------------------------
 
 
-BAD_VALUES = {
-    "unknown key": ("scoring:\n  replicas: 2\n", "replicas"),
-    "wrong type": ("rollout:\n  replicaCount: two\n", "replicaCount"),
-    "negative gpu": ("trainer:\n  gpu: -1\n", "gpu"),
-    "bad enum": ("rollout:\n  backend: tensorrt\n", "backend"),
-    "two trainers": ("trainer:\n  replicaCount: 2\n", "replicaCount"),
-    "bad quantity": ("scoring:\n  resources:\n    limits:\n      memory: lots\n", "memory"),
-    "bad port": ("scheduler:\n  port: 70000\n", "port"),
-    "bad pull policy": ("cudaImage:\n  pullPolicy: Sometimes\n", "pullPolicy"),
-    "bad discovery": ("scheduler:\n  discovery:\n    mode: consul\n", "mode"),
-    "unknown top-level": ("workers:\n  gpu: 1\n", "workers"),
-    # no code reads GRADALIGN_SCHEDULER_API_TOKENS_FILE: the value that set it is gone
-    "removed tokensFileEnv": ("auth:\n  tokensFileEnv: GRADALIGN_SCHEDULER_API_TOKENS_FILE\n", "tokensFileEnv"),
-    "bad upload limit": ("scheduler:\n  maxUploadBytes: 0\n", "maxUploadBytes"),
-    "judge port as text": ("networkPolicy:\n  judge:\n    to: []\n    ports: [https]\n", "ports"),
-}
+def _bad_values() -> list:
+    """The values violating the schema, tests/data/chart_bad_values.yaml: one case each (its values and the key
+    the refusal must name)."""
+    cases = yaml.safe_load((Path(__file__).resolve().parent / "data" / "chart_bad_values.yaml").read_text())
+    assert isinstance(cases, list) and cases, "tests/data/chart_bad_values.yaml holds no cases"
+    return [pytest.param(c["values"], c["key"], id=c["case"]) for c in cases]
 
 
-@pytest.mark.parametrize("case", list(BAD_VALUES))
-def test_values_violating_the_schema_fail_template_and_lint(helm, case, tmp_path):
-    text, key = BAD_VALUES[case]
+@pytest.mark.parametrize(("values", "key"), _bad_values())
+def test_values_violating_the_schema_fail_template_and_lint(helm, values, key, tmp_path):
     bad = tmp_path / "bad-values.yaml"
-    bad.write_text(text)
+    bad.write_text(yaml.safe_dump(values))
     for command in (["template", RELEASE, str(CHART)], ["lint", "--strict", str(CHART)]):
         proc = helm(*command, "-f", str(bad), check=False)
         out = proc.stdout + proc.stderr
-        assert proc.returncode != 0, f"helm {command[0]} accepted {case!r}:\n{out}"
+        assert proc.returncode != 0, f"helm {command[0]} accepted {values!r}:\n{out}"
         assert "schema" in out and key in out, out
 
 

@@ -10,31 +10,25 @@ import math
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from gradalign_common.errors import InvalidInputError
 from gradalign_tools.bench import noisy_rewards
 from gradalign_tools.bench.quality.sweep import load_manifest, narrow
 from gradalign_tools.bench.quality.sweep_report import markdown, paired_t, sign_test_p, sweep_summary, t_two_sided_p
-from gradalign_tools.cli import app
+
+from cli_helpers import invoke_ok, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "benchmarks" / "quality" / "sweep_smoke.yaml"
 VARIANTS = ["smoke", "smoke_coinflip"]
 MODES = ["sim", "simgate", "rand"]
 SEEDS = [0, 1]
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(app, ["bench", "quality-sweep", *args])
+SWEEP = ("bench", "quality-sweep")
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, str]:
-    results = tmp_path_factory.mktemp("sweep") / "smoke"
-    result = _invoke("--manifest", str(SMOKE), "--results", str(results))
-    assert result.exit_code == 0, result.output
-    return results, result.output
+    return run_bench(tmp_path_factory.mktemp("sweep") / "smoke", *SWEEP, "--manifest", str(SMOKE))
 
 
 def test_the_smoke_sweep_writes_every_run_and_a_paired_summary(sweep):
@@ -81,15 +75,13 @@ def test_a_rerun_resumes(sweep):
     results, _ = sweep
     (results / "smoke_coinflip" / "runs" / "sim-seed1.json").unlink()
     (results / "smoke" / "runs" / "rand-seed0.json").write_text("{broken")
-    result = _invoke("--manifest", str(SMOKE), "--results", str(results), "--workers", "1")
-    assert result.exit_code == 0, result.output
-    assert "10 runs already finished" in result.output and "2 to run and 0 warm starts" in result.output
+    output = invoke_ok(*SWEEP, "--manifest", str(SMOKE), "--results", str(results), "--workers", "1")
+    assert "10 runs already finished" in output and "2 to run and 0 warm starts" in output
     assert json.loads((results / "summary.json").read_text())["runs_finished"] == 12
     # --report-only: the summary of what is finished, nothing run
     (results / "smoke" / "runs" / "simgate-seed1.json").unlink()
-    result = _invoke("--manifest", str(SMOKE), "--results", str(results), "--report-only")
-    assert result.exit_code == 0, result.output
-    assert "1 missing tasks not run" in result.output and "11 runs already finished" in result.output
+    output = invoke_ok(*SWEEP, "--manifest", str(SMOKE), "--results", str(results), "--report-only")
+    assert "1 missing tasks not run" in output and "11 runs already finished" in output
     summary = json.loads((results / "summary.json").read_text())
     assert summary["runs_finished"] == 11 and summary["variants"][0]["vs_baseline"]["simgate"]["seeds"] == [0]
     assert not (results / "smoke" / "runs" / "simgate-seed1.json").exists()

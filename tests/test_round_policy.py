@@ -22,7 +22,7 @@ from services.scoring.server import start_server
 from services.scoring.settings import ScoringSettings
 
 from scheduler_fixtures import experiment_body, make_settings
-from test_stages import RecordingWorkers
+from test_stages import RecordingWorkers, install_workers
 
 
 def test_chunks_wrap_the_pool_and_keep_first_occurrences():
@@ -54,9 +54,7 @@ def test_the_scoring_service_answers_failed_precondition_for_a_zero_validation_g
 
 
 def test_the_score_stage_falls_back_when_the_validation_gradient_is_zero(tmp_path, tiny_model_dir, monkeypatch):
-    rec = RecordingWorkers()
-    for name in ("generate", "train"):
-        monkeypatch.setattr(stages.workers, name, getattr(rec, name))
+    rec = install_workers(monkeypatch, RecordingWorkers(), ("generate", "train"))
 
     def score(address, deadline_s, request, progress=None, scope=None):
         if request.mode != "rand":  # what the scoring service answers when g_V is zero

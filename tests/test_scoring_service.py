@@ -114,6 +114,21 @@ def test_modes_without_gradients_need_no_checkpoint(stub, data):
     assert {s.problem_id: s.score for s in scores} == {s.problem_id: s.score for s in again}
 
 
+def _shard_a_sim(checkpoint, data, **overrides) -> dict:
+    """The fields of a "sim" request scoring shard A of `data` against its validation file with `checkpoint`;
+    `overrides` add fields or replace these."""
+    fields = dict(checkpoint=str(checkpoint), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]], mode="sim")
+    return {**fields, **overrides}
+
+
+def _score_in_process(settings: ScoringSettings, fields: dict) -> tuple:
+    """(the servicer, its events) of one Score call with `fields` to a fresh in-process ScoringServicer with `settings`."""
+    from services.scoring.server import ScoringServicer
+
+    servicer = ScoringServicer(settings)
+    return servicer, list(servicer.Score(scoring_pb2.ScoreRequest(**fields), None))
+
+
 def _error(stub, **fields) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         _score(stub, **fields)
@@ -121,12 +136,7 @@ def _error(stub, **fields) -> grpc.RpcError:
 
 
 def test_errors(stub, data, random_qwen2_dir, tmp_path):
-    ok = dict(
-        checkpoint=str(random_qwen2_dir),
-        candidate_paths=[data["shard_a"]],
-        validation_paths=[data["validation_path"]],
-        mode="sim",
-    )
+    ok = _shard_a_sim(random_qwen2_dir, data)
     err = _error(stub, **{**ok, "mode": "bogus"})
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "bogus" in err.details()
     err = _error(stub, **{**ok, "validation_paths": []})
@@ -148,8 +158,7 @@ def test_methods_and_optimizer_state(stub, data, random_qwen2_dir, tmp_path):
     from gradalign_common.optimizer_state import read_optimizer_state, write_optimizer_state
     from scoring_fixtures import random_adam_state, tiny_qwen2
 
-    common = dict(checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]],
-                  validation_paths=[data["validation_path"]], mode="sim")
+    common = _shard_a_sim(random_qwen2_dir, data)
     _, exact, _ = _score(stub, **common)
     _, named, _ = _score(stub, method="exact", **common)
     assert [s.score for s in named] == [s.score for s in exact]
@@ -176,15 +185,8 @@ def test_methods_and_optimizer_state(stub, data, random_qwen2_dir, tmp_path):
 def test_the_dtype_setting_takes_effect_when_a_request_names_none(data, random_qwen2_dir):
     """auto (the default) is float32 on CPU; a deployment's GRADALIGN_SCORING_DTYPE is used when the
     request's dtype is empty (what the scheduler sends for scoring_dtype=auto); a request's own wins."""
-    from services.scoring.server import ScoringServicer
-
     def loaded_dtype(settings, request_dtype):
-        servicer = ScoringServicer(settings)
-        request = scoring_pb2.ScoreRequest(
-            checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]],
-            mode="sim", dtype=request_dtype,
-        )
-        events = list(servicer.Score(request, None))
+        servicer, events = _score_in_process(settings, _shard_a_sim(random_qwen2_dir, data, dtype=request_dtype))
         assert events[-1].WhichOneof("event") == "summary"
         return next(servicer._loaded.engine.model.parameters()).dtype
 
@@ -202,15 +204,9 @@ def test_the_memory_budget_setting_and_a_requests_own(stub, data, random_qwen2_d
     import pydantic
 
     from gradalign_common.memory_budget import DEFAULT_MEMORY_BUDGET, MemoryBudget, parse_memory_budget
-    from services.scoring.server import ScoringServicer
 
     def used_budget(settings, request_budget):
-        servicer = ScoringServicer(settings)
-        request = scoring_pb2.ScoreRequest(
-            checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]], validation_paths=[data["validation_path"]],
-            mode="sim", memory_budget=request_budget,
-        )
-        events = list(servicer.Score(request, None))
+        servicer, events = _score_in_process(settings, _shard_a_sim(random_qwen2_dir, data, memory_budget=request_budget))
         return servicer._loaded.engine.memory_budget, [e.score.score for e in events if e.WhichOneof("event") == "score"]
 
     default, scores = used_budget(ScoringSettings(device="cpu"), "")
@@ -221,6 +217,5 @@ def test_the_memory_budget_setting_and_a_requests_own(stub, data, random_qwen2_d
     assert small_scores == pytest.approx(scores, abs=FLOAT32_TOL)
     with pytest.raises(pydantic.ValidationError):
         ScoringSettings(memory_budget="lots")
-    err = _error(stub, checkpoint=str(random_qwen2_dir), candidate_paths=[data["shard_a"]],
-                 validation_paths=[data["validation_path"]], mode="sim", memory_budget="lots")
+    err = _error(stub, **_shard_a_sim(random_qwen2_dir, data, memory_budget="lots"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "memory budget" in err.details()

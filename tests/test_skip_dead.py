@@ -18,14 +18,13 @@ from sqlalchemy import select
 
 from gradalign_common.records import read_problems
 from gradalign_common.round_policy import chunk_ids, draw_chunk, stage_seed, zero_advantage_streaks
-from services.scheduler import stages
 from services.scheduler.app import create_app
 from services.scheduler.db import Candidate, PoolProblem, Round, Stage
 from services.scheduler.spec import StoredSpec
 from services.scheduler.workers import WorkerRejected
 
 from scheduler_fixtures import AUTH, experiment_body, make_settings
-from test_stages import RecordingWorkers
+from test_stages import RecordingWorkers, install_workers
 
 POOL_SIZE, M, ROUNDS, N_SAMPLES = 24, 8, 7, 4  # 7 rounds of 8 walk a pool of 24 more than twice
 
@@ -60,10 +59,7 @@ class DeadHalfWorkers(RecordingWorkers):
 
 @pytest.fixture
 def workers(monkeypatch):
-    rec = DeadHalfWorkers()
-    for name in ("generate", "score", "train"):
-        monkeypatch.setattr(stages.workers, name, getattr(rec, name))
-    return rec
+    return install_workers(monkeypatch, DeadHalfWorkers())
 
 
 @pytest.fixture

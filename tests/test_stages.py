@@ -45,12 +45,16 @@ class RecordingWorkers:
         return next(e.result for e in self.trainer.Train(request, None) if e.HasField("result"))
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    rec = RecordingWorkers()
-    for name in ("generate", "score", "train"):
+def install_workers(monkeypatch, rec: RecordingWorkers, names=("generate", "score", "train")) -> RecordingWorkers:
+    """`rec`'s methods in place of the scheduler's worker clients (stages.workers.<name>) for the test; `rec` back."""
+    for name in names:
         monkeypatch.setattr(stages.workers, name, getattr(rec, name))
     return rec
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    return install_workers(monkeypatch, RecordingWorkers())
 
 
 def _run_one_round(tmp_path: Path, model_dir: Path, **overrides):

@@ -27,12 +27,12 @@ from services.trainer.backends.verl.command import (
     micro_batch_per_gpu,
     train_command,
 )
-from services.trainer.backends.verl.job import max_prompt_tokens, prepare_job
+from services.trainer.backends.verl.job import max_prompt_tokens
 from services.trainer.backends.verl.options import VerlOptions
 from services.trainer.grpo import GRPOConfig
 from services.trainer.settings import TrainerSettings
 from trainer_fixtures import constant_answer_problems
-from verl_fixtures import CLUSTER, SAMPLE
+from verl_fixtures import CLUSTER, SAMPLE, TINY_REQUEST, prepare_test_job
 
 
 def sample_kwargs(**overrides) -> dict:
@@ -212,35 +212,19 @@ def test_merge_command_and_checkpoint_layout():
 def test_prepare_job_writes_the_dataset_and_both_commands(tmp_path, random_tiny_checkpoint):
     from gradalign_common.modeling import load_tokenizer
 
-    problems = constant_answer_problems(4)
-    config = GRPOConfig(steps=2, batch_size=2, n_samples=2, learning_rate=1e-6, max_tokens=4)
-    job = prepare_job(
-        problems,
-        config,
-        model_path=random_tiny_checkpoint,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "work",
-        options=VerlOptions(max_prompt_length=1),
-        tokenizer=load_tokenizer(random_tiny_checkpoint),
-    )
+    tokenizer = load_tokenizer(random_tiny_checkpoint)
+    job = prepare_test_job(TINY_REQUEST, random_tiny_checkpoint, tmp_path, options=VerlOptions(max_prompt_length=1), tokenizer=tokenizer)
     assert job.train_files == tmp_path / "work" / "train.parquet" and job.train_files.exists()
     assert job.actor_dir == tmp_path / "work" / "verl-checkpoints" / "global_step_2" / "actor"
     assert job.merge_command[-3:] == [str(job.actor_dir), "--target_dir", str(tmp_path / "out")]
-    longest = max_prompt_tokens(problems, load_tokenizer(random_tiny_checkpoint))
+    longest = max_prompt_tokens(constant_answer_problems(4), tokenizer)
     assert longest > 1 and f"data.max_prompt_length={longest}" in job.train_command  # raised to the longest prompt
     assert job.env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(REWARD_FILE).parents[2])
 
 
 def test_a_reference_other_than_the_starting_checkpoint_is_logged_not_passed(tmp_path, random_tiny_checkpoint, capsys, caplog):
     config = GRPOConfig(steps=1, batch_size=2, n_samples=2, learning_rate=1e-6, max_tokens=4, kl_coef=0.01)
-    job = prepare_job(
-        constant_answer_problems(4),
-        config,
-        model_path=random_tiny_checkpoint,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "work",
-        reference_path=tmp_path / "the-runs-initial-model",
-    )
+    job = prepare_test_job(config, random_tiny_checkpoint, tmp_path, reference_path=tmp_path / "the-runs-initial-model")
     assert "actor_rollout_ref.actor.use_kl_loss=True" in job.train_command
     assert not any("actor_rollout_ref.ref.model" in a for a in job.train_command)
     # structlog prints to stdout, or goes through stdlib logging once a command in this process configured it

@@ -36,10 +36,8 @@ from services.trainer.backends.verl.command import (
     micro_batch_per_gpu,
     train_command,
 )
-from services.trainer.backends.verl.job import prepare_job
 from services.trainer.backends.verl.options import VerlOptions
-from trainer_fixtures import constant_answer_problems
-from verl_fixtures import SAMPLE
+from verl_fixtures import SAMPLE, prepare_test_job
 
 REQUIREMENTS = "requirements/verl-config.txt"
 
@@ -155,12 +153,11 @@ def test_the_service_command_composes_and_converts_as_verl_workers_do(verl_confi
     from verl.workers.config import FSDPActorConfig, HFModelConfig, RolloutConfig
 
     options = CLUSTERS["8gpu-tp2"]
-    job = prepare_job(
-        constant_answer_problems(20),
+    job = prepare_test_job(
         REQUEST,
-        model_path=random_tiny_checkpoint,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "work",
+        random_tiny_checkpoint,
+        tmp_path,
+        n_problems=20,
         options=options,
         reference_path=tmp_path / "the-runs-initial-model",
         experiment_name="round-00004",

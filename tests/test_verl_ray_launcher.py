@@ -30,7 +30,6 @@ from gradalign_common.records import write_problems
 from gradalign_tools.stack import free_port, service_command, start_process
 from ray_head import start_ray_head
 from services.trainer.backends.verl.command import REWARD_FILE
-from services.trainer.backends.verl.job import prepare_job
 from services.trainer.backends.verl.launcher import RunIdentity
 from services.trainer.backends.verl.options import VerlOptions
 from services.trainer.backends.verl.ray_launcher import RayLauncher
@@ -41,11 +40,11 @@ from services.trainer.backends.verl.ray_submission import (
     ray_runtime_env,
     submission_id_for,
 )
-from services.trainer.grpo import GRPOConfig
 from services.trainer.marker import MARKER_NAME
 from services.trainer.server import create_server
 from services.trainer.settings import TrainerSettings
 from trainer_fixtures import constant_answer_problems
+from verl_fixtures import TINY_REQUEST, prepare_test_job
 
 # ray 2.60's tail_job_logs passes aiohttp ssl=None for plain http: aiohttp's deprecation, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -71,15 +70,9 @@ def test_submission_ids_are_deterministic_and_safe():
 
 
 def test_the_ray_entrypoint_is_the_local_command(tmp_path, random_tiny_checkpoint):
-    config = GRPOConfig(steps=2, batch_size=2, n_samples=2, learning_rate=1e-6, max_tokens=4)
-    job = prepare_job(
-        constant_answer_problems(4),
-        config,
-        model_path=random_tiny_checkpoint,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "a dir, with spaces",
-        options=VerlOptions(python="/opt/trainer/bin/python"),
-        experiment_name="it's round 4",
+    job = prepare_test_job(
+        TINY_REQUEST, random_tiny_checkpoint, tmp_path,
+        work_dir="a dir, with spaces", options=VerlOptions(python="/opt/trainer/bin/python"), experiment_name="it's round 4",
     )
     entrypoint = ray_entrypoint(job, "/opt/ray/bin/python3")
     assert shlex.split(entrypoint) == ["/opt/ray/bin/python3", *job.train_command[1:]]  # one builder

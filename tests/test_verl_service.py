@@ -20,7 +20,6 @@ from gradalign_common.modeling import load_model
 from gradalign_common.pb import common_pb2, training_pb2, training_pb2_grpc
 from gradalign_common.records import write_problems
 from services.trainer.backends.verl.command import REWARD_FILE
-from services.trainer.backends.verl.job import prepare_job
 from services.trainer.backends.verl.options import VerlOptions
 from services.trainer.backends.verl.process import VerlRunError
 from services.trainer.backends.verl.run import iter_verl
@@ -29,6 +28,7 @@ from services.trainer.marker import MARKER_NAME
 from services.trainer.server import create_server
 from services.trainer.settings import TrainerSettings
 from trainer_fixtures import constant_answer_problems
+from verl_fixtures import prepare_test_job
 
 
 # --- the stand-in verl -------------------------------------------------------------------------------
@@ -139,14 +139,7 @@ def test_a_cancelled_or_timed_out_run_ends_the_verl_process_group(fake_verl, tmp
     monkeypatch.setenv("STAND_IN_VERL_GATE", str(tmp_path / "never"))  # stays at step 1
     monkeypatch.setenv("STAND_IN_VERL_PID_FILE", str(tmp_path / "verl.pid"))
     config = GRPOConfig(steps=3, batch_size=2, n_samples=2, learning_rate=1e-6, max_tokens=4)
-    job = prepare_job(
-        constant_answer_problems(4),
-        config,
-        model_path=random_tiny_checkpoint,
-        output_dir=tmp_path / "out",
-        work_dir=tmp_path / "work",
-        options=VerlOptions(python=sys.executable),
-    )
+    job = prepare_test_job(config, random_tiny_checkpoint, tmp_path, options=VerlOptions(python=sys.executable))
     seen = []
     started = time.monotonic()
     with pytest.raises(VerlRunError, match="cancelled"):

@@ -1,4 +1,5 @@
-// DOM helpers: h() builds HTML elements, s() SVG ones; fill() replaces an element's children.
+// DOM helpers: h() builds HTML elements, s() SVG ones; fill() replaces an element's children; options()
+// builds a <select>'s choices.
 
 export function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -42,3 +43,8 @@ export function fill(el, ...children) {
 }
 
 export const $ = (selector, root = document) => root.querySelector(selector);
+
+// <option> elements, one per [value, text], the one whose value is `selected` (if any) selected.
+export function options(choices, selected) {
+  return choices.map(([value, text]) => h("option", { value, selected: value === selected }, text));
+}

@@ -3,9 +3,10 @@
 import { mapLimit } from "../lib/api.js";
 import { showBanner } from "../lib/banner.js";
 import { lineChart } from "../lib/charts.js";
-import { fill, h } from "../lib/dom.js";
+import { fill, h, options } from "../lib/dom.js";
 import { badge, basename, fmtNum } from "../lib/format.js";
 import { setRouteParams } from "../lib/router.js";
+import { dataTable } from "../lib/table.js";
 
 export async function renderCompare(page, main, _args, params) {
   main.dataset.page = "compare";
@@ -17,12 +18,7 @@ export async function renderCompare(page, main, _args, params) {
   const byId = new Map(list.items.map((e) => [e.id, e]));
   const chartBox = h("div", { id: "compare-chart" });
   const summary = h("div", { class: "table-wrap", id: "compare-summary" });
-  const metricSelect = h(
-    "select",
-    { id: "compare-metric" },
-    h("option", { value: "validation_reward", selected: metric === "validation_reward" }, "Validation reward"),
-    h("option", { value: "candidate_accuracy", selected: metric === "candidate_accuracy" }, "Candidate accuracy"),
-  );
+  const metricSelect = h("select", { id: "compare-metric" }, options([["validation_reward", "Validation reward"], ["candidate_accuracy", "Candidate accuracy"]], metric));
   const boxes = h(
     "fieldset",
     { class: "choices card" },
@@ -64,29 +60,23 @@ export async function renderCompare(page, main, _args, params) {
     );
     fill(summary, 
       ids.length
-        ? h(
-            "table",
-            { class: "data" },
-            h("thead", {}, h("tr", {}, ["Experiment", "Mode", "Status", "Rounds", `Last ${label.toLowerCase()}`, `Best ${label.toLowerCase()}`].map((t) => h("th", { scope: "col" }, t)))),
-            h(
-              "tbody",
-              {},
-              ids.map((eid, i) => {
-                const e = byId.get(eid);
-                const vals = (rounds.get(eid) || []).map((r) => r[metric]).filter((v) => v !== null && v !== undefined);
-                return h(
-                  "tr",
-                  {},
-                  h("td", {}, h("span", { class: ["swatch", `series-${i % 8}`], "aria-hidden": "true" }), " ", h("a", { href: `#/experiments/${eid}` }, `#${eid} ${e.name}`)),
-                  h("td", {}, (e.config || {}).mode || "—"),
-                  h("td", {}, badge(e.status)),
-                  h("td", { class: "num" }, String((rounds.get(eid) || []).length)),
-                  h("td", { class: "num" }, vals.length ? fmtNum(vals[vals.length - 1]) : "—"),
-                  h("td", { class: "num" }, vals.length ? fmtNum(Math.max(...vals)) : "—"),
-                );
-              }),
-            ),
-          )
+        ? dataTable({
+            columns: ["Experiment", "Mode", "Status", "Rounds", `Last ${label.toLowerCase()}`, `Best ${label.toLowerCase()}`],
+            rows: ids.map((eid, i) => {
+              const e = byId.get(eid);
+              const vals = (rounds.get(eid) || []).map((r) => r[metric]).filter((v) => v !== null && v !== undefined);
+              return h(
+                "tr",
+                {},
+                h("td", {}, h("span", { class: ["swatch", `series-${i % 8}`], "aria-hidden": "true" }), " ", h("a", { href: `#/experiments/${eid}` }, `#${eid} ${e.name}`)),
+                h("td", {}, (e.config || {}).mode || "—"),
+                h("td", {}, badge(e.status)),
+                h("td", { class: "num" }, String((rounds.get(eid) || []).length)),
+                h("td", { class: "num" }, vals.length ? fmtNum(vals[vals.length - 1]) : "—"),
+                h("td", { class: "num" }, vals.length ? fmtNum(Math.max(...vals)) : "—"),
+              );
+            }),
+          })
         : "",
     );
   };

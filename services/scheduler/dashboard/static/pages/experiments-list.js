@@ -5,6 +5,9 @@ import { showBanner } from "../lib/banner.js";
 import { fill, h } from "../lib/dom.js";
 import { PAGE_SIZE, STATUSES, badge, basename, fmtNum, pluralUnit, stageLabel, timeCell } from "../lib/format.js";
 import { setRouteParams } from "../lib/router.js";
+import { dataTable } from "../lib/table.js";
+
+const COLUMNS = ["Compare", "ID", "Name", "Mode", "Model", "Datasets", "Status", "Round", "Stage", "Last val. reward", "Started", "Updated"];
 
 function roundLabel(exp) {
   const total = exp.config && exp.config.num_selections;
@@ -36,7 +39,8 @@ export async function renderList(page, main, _args, params) {
   const compareButton = h("button", { type: "button", id: "compare-selected", disabled: true }, "Compare selected");
   const count = h("p", { id: "list-count", class: "muted", "aria-live": "polite" });
   const connection = h("span", { class: "conn", "data-state": "connecting" }, "connecting…");
-  const tbody = h("tbody");
+  const table = dataTable({ id: "experiments-table", caption: "Experiments, newest first", columns: COLUMNS });
+  const tbody = table.tBodies[0];
   const pager = h("div", { class: "pager" });
   main.append(
     h("div", { class: "page-head" }, h("h1", {}, "Experiments"), h("div", { class: "head-aside" }, "Live updates: ", connection)),
@@ -49,27 +53,7 @@ export async function renderList(page, main, _args, params) {
       h("a", { class: "button primary", href: "#/new" }, "New experiment"),
     ),
     count,
-    h(
-      "div",
-      { class: "table-wrap" },
-      h(
-        "table",
-        { class: "data", id: "experiments-table" },
-        h("caption", { class: "visually-hidden" }, "Experiments, newest first"),
-        h(
-          "thead",
-          {},
-          h(
-            "tr",
-            {},
-            ["Compare", "ID", "Name", "Mode", "Model", "Datasets", "Status", "Round", "Stage", "Last val. reward", "Started", "Updated"].map((t) =>
-              h("th", { scope: "col" }, t),
-            ),
-          ),
-        ),
-        tbody,
-      ),
-    ),
+    h("div", { class: "table-wrap" }, table),
     pager,
   );
 
@@ -128,7 +112,7 @@ export async function renderList(page, main, _args, params) {
       }),
     );
     if (!visible.length) {
-      tbody.append(h("tr", { class: "empty-row" }, h("td", { colspan: 12 }, state.items.length ? "No experiment on this page matches the search." : "No experiments yet. Create one with “New experiment”.")));
+      tbody.append(h("tr", { class: "empty-row" }, h("td", { colspan: COLUMNS.length }, state.items.length ? "No experiment on this page matches the search." : "No experiments yet. Create one with “New experiment”.")));
     }
     const shown = state.items.length;
     count.textContent = shown

@@ -2,6 +2,7 @@
 
 import { h } from "../lib/dom.js";
 import { fmtNum } from "../lib/format.js";
+import { dataTable } from "../lib/table.js";
 
 function promptView(prompt) {
   if (prompt === null || prompt === undefined) return h("p", { class: "muted" }, "The prompt is not available (the dataset file is gone).");
@@ -65,27 +66,23 @@ export async function renderProblem(page, main, [idText, roundText, problemId]) 
         ? h(
             "div",
             { class: "table-wrap" },
-            h(
-              "table",
-              { class: "data responses", id: "responses-table" },
-              h("thead", {}, h("tr", {}, ["#", "Response", "Reward", "Correct", "Tokens", "Finish"].map((t) => h("th", { scope: "col" }, t)))),
-              h(
-                "tbody",
-                {},
-                p.responses.map((r, i) =>
-                  h(
-                    "tr",
-                    { class: r.correct ? "is-correct" : "is-wrong" },
-                    h("td", { class: "num" }, String(i + 1)),
-                    h("td", {}, h("pre", { class: "text" }, r.text)),
-                    h("td", { class: "num" }, fmtNum(r.reward, 3)),
-                    h("td", {}, r.correct ? h("span", { class: "yes" }, "✓ yes") : h("span", { class: "no" }, "✗ no")),
-                    h("td", { class: "num" }, String(r.n_tokens)),
-                    h("td", {}, r.finish_reason || "—"),
-                  ),
+            dataTable({
+              id: "responses-table",
+              cls: "responses",
+              columns: ["#", "Response", "Reward", "Correct", "Tokens", "Finish"],
+              rows: p.responses.map((r, i) =>
+                h(
+                  "tr",
+                  { class: r.correct ? "is-correct" : "is-wrong" },
+                  h("td", { class: "num" }, String(i + 1)),
+                  h("td", {}, h("pre", { class: "text" }, r.text)),
+                  h("td", { class: "num" }, fmtNum(r.reward, 3)),
+                  h("td", {}, r.correct ? h("span", { class: "yes" }, "✓ yes") : h("span", { class: "no" }, "✗ no")),
+                  h("td", { class: "num" }, String(r.n_tokens)),
+                  h("td", {}, r.finish_reason || "—"),
                 ),
               ),
-            ),
+            }),
           )
         : h("p", { class: "empty" }, "No responses were found in this round's rollout files."),
     ),

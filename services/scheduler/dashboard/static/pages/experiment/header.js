@@ -10,22 +10,13 @@ const SHOWN_CONFIG = new Set([
 ]);
 
 function configList(cfg) {
+  // the main settings, a theme a line: model and data, selection rounds, GRPO training, sampling, the rest
   const rows = [
-    ["Mode", cfg.mode],
-    ["Model", cfg.model],
-    ["Train dataset", cfg.train_dataset],
-    ["Validation dataset", cfg.val_dataset],
-    ["Chunk size M", cfg.chunk_size],
-    ["k (keep M/k)", cfg.k],
-    ["Rounds", cfg.num_selections],
-    ["Train batch size", cfg.train_batch_size],
-    ["GRPO steps per round", cfg.iters_per_select],
-    ["Responses per candidate", cfg.n_samples_train],
-    ["Responses per val. problem", cfg.n_samples_val],
-    ["Max tokens", cfg.max_tokens],
-    ["Temperature / top-p", `${fmtNum(cfg.temperature)} / ${fmtNum(cfg.top_p)}`],
-    ["Learning rate", fmtNum(cfg.learning_rate)],
-    ["Seed", cfg.seed],
+    ["Mode", cfg.mode], ["Model", cfg.model], ["Train dataset", cfg.train_dataset], ["Validation dataset", cfg.val_dataset],
+    ["Chunk size M", cfg.chunk_size], ["k (keep M/k)", cfg.k], ["Rounds", cfg.num_selections],
+    ["Train batch size", cfg.train_batch_size], ["GRPO steps per round", cfg.iters_per_select],
+    ["Responses per candidate", cfg.n_samples_train], ["Responses per val. problem", cfg.n_samples_val], ["Max tokens", cfg.max_tokens],
+    ["Temperature / top-p", `${fmtNum(cfg.temperature)} / ${fmtNum(cfg.top_p)}`], ["Learning rate", fmtNum(cfg.learning_rate)], ["Seed", cfg.seed],
   ];
   // the rest of the stored spec (weight decay, checkpoints kept, priority, scoring, ...) by its own name
   for (const [key, value] of Object.entries(cfg)) {

@@ -1,8 +1,9 @@
 // The experiment page's selection history: every round's candidates, searchable, sortable, paged,
 // each linking to its problem page.
 
-import { $, fill, h } from "../../lib/dom.js";
+import { fill, h, options } from "../../lib/dom.js";
 import { PAGE_SIZE, fmtNum } from "../../lib/format.js";
+import { compareValues, dataTable, sortHeaders } from "../../lib/table.js";
 
 const HIST_COLUMNS = [
   ["problem", "Problem"],
@@ -17,13 +18,7 @@ const HIST_COLUMNS = [
 export function historyPart(id, st) {
   const histSearch = h("input", { id: "history-search", type: "search", placeholder: "problem id", autocomplete: "off" });
   const histRoundFilter = h("select", { id: "history-round" });
-  const histSelFilter = h(
-    "select",
-    { id: "history-selected" },
-    h("option", { value: "" }, "All candidates"),
-    h("option", { value: "yes" }, "Selected only"),
-    h("option", { value: "no" }, "Not selected"),
-  );
+  const histSelFilter = h("select", { id: "history-selected" }, options([["", "All candidates"], ["yes", "Selected only"], ["no", "Not selected"]]));
   const histTable = h("div", { id: "history", class: "table-wrap" });
   const histCount = h("p", { class: "muted", id: "history-count", "aria-live": "polite" });
   const histPager = h("div", { class: "pager" });
@@ -58,70 +53,43 @@ export function historyPart(id, st) {
         (f.selected === "" || (f.selected === "yes") === !!c.selected),
     );
     const val = (c, key) => (key === "problem" ? c.problem_id : key === "selected" || key === "zero_advantage" ? (c[key] ? 1 : 0) : c[key]);
-    rows.sort((a, b) => {
-      const va = val(a, f.sort);
-      const vb = val(b, f.sort);
-      let cmp;
-      if (va === null || va === undefined) cmp = vb === null || vb === undefined ? 0 : 1;
-      else if (vb === null || vb === undefined) cmp = -1;
-      else if (typeof va === "string") cmp = va.localeCompare(vb, undefined, { numeric: true });
-      else cmp = va - vb;
-      if (cmp === 0) cmp = a.round - b.round || (a.rank ?? 1e9) - (b.rank ?? 1e9) || a.problem_id.localeCompare(b.problem_id, undefined, { numeric: true });
-      else cmp *= f.dir;
-      return cmp;
-    });
+    // missing values go last ascending, first descending; ties by round, rank, then problem
+    rows.sort(
+      (a, b) =>
+        compareValues(val(a, f.sort), val(b, f.sort)) * f.dir ||
+        a.round - b.round ||
+        (a.rank ?? 1e9) - (b.rank ?? 1e9) ||
+        a.problem_id.localeCompare(b.problem_id, undefined, { numeric: true }),
+    );
     const total = rows.length;
     if (f.offset >= total) f.offset = Math.max(0, Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE);
     const pageRows = rows.slice(f.offset, f.offset + PAGE_SIZE);
-    const head = HIST_COLUMNS.map(([key, label]) =>
-      h(
-        "th",
-        { scope: "col", "aria-sort": f.sort === key ? (f.dir > 0 ? "ascending" : "descending") : "none" },
-        h(
-          "button",
-          {
-            type: "button",
-            class: "sort",
-            onclick: () => {
-              if (f.sort === key) f.dir = -f.dir;
-              else {
-                f.sort = key;
-                f.dir = key === "score" || key === "accuracy" || key === "selected" ? -1 : 1;
-              }
-              renderHistory();
-              $(`#history th[aria-sort="${f.dir > 0 ? "ascending" : "descending"}"] button`)?.focus();
-            },
-          },
-          label,
-          f.sort === key ? (f.dir > 0 ? " ▲" : " ▼") : "",
-        ),
-      ),
-    );
-    fill(histTable, 
-      h(
-        "table",
-        { class: "data", id: "history-table" },
-        h("caption", { class: "visually-hidden" }, "Candidates of every round with score, accuracy and whether they were selected"),
-        h("thead", {}, h("tr", {}, head)),
-        h(
-          "tbody",
-          {},
-          pageRows.map((c) =>
-            h(
-              "tr",
-              { "data-problem": c.problem_id, "data-round": c.round, class: c.selected ? "is-selected" : null },
-              h("td", {}, h("a", { href: `#/experiments/${id}/rounds/${c.round}/problems/${encodeURIComponent(c.problem_id)}` }, c.problem_id)),
-              h("td", { class: "num" }, String(c.round)),
-              h("td", { class: "num" }, fmtNum(c.score, 4)),
-              h("td", { class: "num" }, fmtNum(c.accuracy, 3)),
-              h("td", {}, c.zero_advantage === null || c.zero_advantage === undefined ? "—" : c.zero_advantage ? "yes" : "no"),
-              h("td", {}, c.selected ? h("span", { class: "yes" }, "✓ selected") : h("span", { class: "muted" }, "no")),
-              h("td", { class: "num" }, c.rank === null || c.rank === undefined ? "—" : String(c.rank)),
-            ),
+    const head = sortHeaders(HIST_COLUMNS, f, {
+      firstDir: (key) => (key === "score" || key === "accuracy" || key === "selected" ? -1 : 1),
+      render: renderHistory,
+      root: histTable,
+    });
+    fill(
+      histTable,
+      dataTable({
+        id: "history-table",
+        caption: "Candidates of every round with score, accuracy and whether they were selected",
+        columns: head,
+        rows: pageRows.map((c) =>
+          h(
+            "tr",
+            { "data-problem": c.problem_id, "data-round": c.round, class: c.selected ? "is-selected" : null },
+            h("td", {}, h("a", { href: `#/experiments/${id}/rounds/${c.round}/problems/${encodeURIComponent(c.problem_id)}` }, c.problem_id)),
+            h("td", { class: "num" }, String(c.round)),
+            h("td", { class: "num" }, fmtNum(c.score, 4)),
+            h("td", { class: "num" }, fmtNum(c.accuracy, 3)),
+            h("td", {}, c.zero_advantage === null || c.zero_advantage === undefined ? "—" : c.zero_advantage ? "yes" : "no"),
+            h("td", {}, c.selected ? h("span", { class: "yes" }, "✓ selected") : h("span", { class: "muted" }, "no")),
+            h("td", { class: "num" }, c.rank === null || c.rank === undefined ? "—" : String(c.rank)),
           ),
-          total ? null : h("tr", { class: "empty-row" }, h("td", { colspan: HIST_COLUMNS.length }, "No candidates match.")),
         ),
-      ),
+        empty: "No candidates match.",
+      }),
     );
     histCount.textContent = total ? `Candidates ${f.offset + 1}–${f.offset + pageRows.length} of ${total}` : "0 candidates";
     fill(histPager, 

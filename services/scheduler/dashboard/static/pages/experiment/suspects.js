@@ -4,8 +4,9 @@
 
 import { download } from "../../lib/api.js";
 import { showBanner } from "../../lib/banner.js";
-import { fill, h } from "../../lib/dom.js";
+import { fill, h, options } from "../../lib/dom.js";
 import { fmtNum } from "../../lib/format.js";
+import { compareValues, dataTable, sortHeaders } from "../../lib/table.js";
 
 const COLUMNS = [
   ["problem", "Problem"],
@@ -34,13 +35,7 @@ function problemHref(id, round, pid) {
 export function suspectsPart(id, st) {
   const f = { status: "", sort: "flags", dir: -1 };
   const summary = h("p", { id: "suspects-summary", class: "muted", "aria-live": "polite" });
-  const statusFilter = h(
-    "select",
-    { id: "suspects-status" },
-    h("option", { value: "" }, "Suspect and watch"),
-    h("option", { value: "suspect" }, "Suspect only"),
-    h("option", { value: "watch" }, "Watch only"),
-  );
+  const statusFilter = h("select", { id: "suspects-status" }, options([["", "Suspect and watch"], ["suspect", "Suspect only"], ["watch", "Watch only"]]));
   const exportPath = (fmt) => `/api/v1/experiments/${id}/suspects.${fmt}${f.status ? `?status=${f.status}` : ""}`;
   const exportLink = (fmt) =>
     h(
@@ -98,40 +93,11 @@ export function suspectsPart(id, st) {
       (data.total > data.items.length ? ` Showing ${data.items.length} of ${data.total}.` : "") +
       (data.rounds_skipped.length ? ` Rounds ${data.rounds_skipped.join(", ")} fell back to random scores and are left out.` : "");
     const rows = data.items.filter((x) => !f.status || x.status === f.status);
-    rows.sort((a, b) => {
-      const va = sortValue(a, f.sort);
-      const vb = sortValue(b, f.sort);
-      let cmp;
-      if (va === null || va === undefined) cmp = vb === null || vb === undefined ? 0 : 1;
-      else if (vb === null || vb === undefined) cmp = -1;
-      else cmp = (typeof va === "string" ? va.localeCompare(vb, undefined, { numeric: true }) : va - vb) * f.dir;
-      return cmp || a.problem_id.localeCompare(b.problem_id, undefined, { numeric: true });
-    });
+    // missing values last either way; ties by problem
+    rows.sort((a, b) => compareValues(sortValue(a, f.sort), sortValue(b, f.sort), f.dir) || a.problem_id.localeCompare(b.problem_id, undefined, { numeric: true }));
     const measure = data.mode === "dot" ? "dot" : "cos";
-    const head = COLUMNS.map(([key, name]) => [key, key === "alignment" && measure === "dot" ? "Worst dot product" : name]).map(([key, label]) =>
-      key === "evidence"
-        ? h("th", { scope: "col" }, label)
-        : h(
-            "th",
-            { scope: "col", "aria-sort": f.sort === key ? (f.dir > 0 ? "ascending" : "descending") : "none" },
-            h(
-              "button",
-              {
-                type: "button",
-                class: "sort",
-                "data-sort": key,
-                onclick: () => {
-                  if (f.sort === key) f.dir = -f.dir;
-                  else [f.sort, f.dir] = [key, FIRST_DIR[key]];
-                  render();
-                  node.querySelector(`button[data-sort="${key}"]`)?.focus();
-                },
-              },
-              label,
-              f.sort === key ? (f.dir > 0 ? " ▲" : " ▼") : "",
-            ),
-          ),
-    );
+    const columns = COLUMNS.map(([key, name]) => [key, key === "alignment" && measure === "dot" ? "Worst dot product" : name]);
+    const head = sortHeaders(columns, f, { firstDir: (key) => FIRST_DIR[key], render, root: node });
     const evidence = (item) => // every round that scored the problem, each linking to its responses
       h(
         "ul",
@@ -150,29 +116,24 @@ export function suspectsPart(id, st) {
       );
     fill(
       table,
-      h(
-        "table",
-        { class: "data", id: "suspects-table" },
-        h("caption", { class: "visually-hidden" }, "Problems flagged as suspect rewards, with the evidence of each round"),
-        h("thead", {}, h("tr", {}, head)),
-        h(
-          "tbody",
-          {},
-          rows.map((x) =>
-            h(
-              "tr",
-              { "data-problem": x.problem_id, "data-status": x.status },
-              h("td", {}, h("a", { href: problemHref(id, x.rounds_flagged[x.rounds_flagged.length - 1], x.problem_id) }, x.problem_id)),
-              h("td", {}, h("span", { class: ["badge", x.status === "suspect" ? "status-failed" : "status-pending"] }, x.status)),
-              h("td", { class: "num" }, `${x.rounds_flagged.length} of ${x.rounds_seen}`),
-              h("td", { class: "num" }, fmtNum(x.worst_alignment, 3)),
-              h("td", { class: "num" }, fmtNum(x.mean_accuracy, 3)),
-              h("td", {}, evidence(x)),
-            ),
+      dataTable({
+        id: "suspects-table",
+        caption: "Problems flagged as suspect rewards, with the evidence of each round",
+        columns: head,
+        rows: rows.map((x) =>
+          h(
+            "tr",
+            { "data-problem": x.problem_id, "data-status": x.status },
+            h("td", {}, h("a", { href: problemHref(id, x.rounds_flagged[x.rounds_flagged.length - 1], x.problem_id) }, x.problem_id)),
+            h("td", {}, h("span", { class: ["badge", x.status === "suspect" ? "status-failed" : "status-pending"] }, x.status)),
+            h("td", { class: "num" }, `${x.rounds_flagged.length} of ${x.rounds_seen}`),
+            h("td", { class: "num" }, fmtNum(x.worst_alignment, 3)),
+            h("td", { class: "num" }, fmtNum(x.mean_accuracy, 3)),
+            h("td", {}, evidence(x)),
           ),
-          rows.length ? null : h("tr", { class: "empty-row" }, h("td", { colspan: COLUMNS.length }, "No problem has been flagged.")),
         ),
-      ),
+        empty: "No problem has been flagged.",
+      }),
     );
   };
   statusFilter.addEventListener("change", () => {

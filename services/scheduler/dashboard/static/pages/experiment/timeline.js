@@ -3,6 +3,7 @@
 
 import { fill, h } from "../../lib/dom.js";
 import { STAGES, badge, fmtDuration, fmtNum, fmtTime, parseTime, pluralUnit, stageDuration, stageLabel } from "../../lib/format.js";
+import { dataTable } from "../../lib/table.js";
 
 export function timelinePart(st) {
   const timeline = h("div", { id: "timeline", class: "table-wrap" });
@@ -73,18 +74,16 @@ export function timelinePart(st) {
         showSkips ? skipCell(r) : null,
       );
     });
-    fill(timeline, 
-      h(
-        "table",
-        { class: "data timeline", id: "timeline-table" },
-        h("caption", { class: "visually-hidden" }, "Rounds and the state and duration of each stage"),
-        h(
-          "thead",
-          {},
-          h("tr", {}, h("th", { scope: "col" }, "Round"), STAGES.map((n) => h("th", { scope: "col" }, stageLabel(n))), ["Val. reward", "Cand. accuracy", "Wall time", "Overhead"].map((t) => h("th", { scope: "col" }, t)), showSkips ? h("th", { scope: "col", title: "dead problems skipped before rollout, and the responses that saved" }, "Skipped") : null),
-        ),
-        h("tbody", {}, rows),
-      ),
+    const skipHead = h("th", { scope: "col", title: "dead problems skipped before rollout, and the responses that saved" }, "Skipped");
+    fill(
+      timeline,
+      dataTable({
+        id: "timeline-table",
+        cls: "timeline",
+        caption: "Rounds and the state and duration of each stage",
+        columns: ["Round", ...STAGES.map(stageLabel), "Val. reward", "Cand. accuracy", "Wall time", "Overhead", ...(showSkips ? [skipHead] : [])],
+        rows,
+      }),
     );
   };
 
