@@ -22,7 +22,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +47,6 @@ def one_step(model, tokenizer, problems, config, rollouts) -> tuple[dict, float]
 
 
 def same_step_on_both_devices(device: str, work: Path) -> dict:
-    import torch
-
     from gradalign_common.datasets import load_problems
     from gradalign_common.generation import Sampling, generate_rollouts
     from gradalign_common.modeling import load_model, load_tokenizer
