@@ -158,9 +158,9 @@ def run_scaling(cfg, engine: ScoringEngine, validation: Sequence[RolloutRecord],
     if attention:
         rollouts = largest[: min(sizes) * cfg.responses]
         result["attention"] = attention_effect(engine, rollouts, exact, attention, cfg.repeats, echo)
-    if getattr(cfg, "batch_groups", ()):
+    if cfg.batch_groups:
         result["batch_size"] = batch_size_effect(engine, largest, cfg.responses, exact, cfg.batch_groups, cfg.repeats, echo)
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
         rollouts = largest[: min(sizes) * cfg.responses]
         result["compile"] = compile_effect(engine, rollouts, exact, cfg.repeats, echo)
     return result

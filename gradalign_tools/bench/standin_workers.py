@@ -88,10 +88,9 @@ class _StandIn:
     def __init__(self, seconds: float, log: CallLog, gate: RequestGate | None = None):
         self.seconds, self.log, self.gate = seconds, log, gate
 
-    @staticmethod
-    def _sleep(seconds: float, context) -> None:
+    def _sleep(self, context) -> None:
         """Sleep `seconds` in small steps; _ClientCancelled as soon as the client cancelled the call."""
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + self.seconds
         while time.monotonic() < deadline:
             if context is not None and not context.is_active():
                 raise _ClientCancelled
@@ -104,7 +103,7 @@ class StandInRollout(_StandIn, rollout_pb2_grpc.RolloutServiceServicer):
     @_stand_in_rpc("rollout")
     def Generate(self, request, context):
         problems = read_problems(request.problems_path)
-        self._sleep(self.seconds, context)
+        self._sleep(context)
         n = max(1, request.sampling.n)
         records = [
             RolloutRecord(p.problem_id, (1, 2), (3, 4, 5), float((i + j) % 2), bool((i + j) % 2), "x")
@@ -132,7 +131,7 @@ class StandInScoring(_StandIn, scoring_pb2_grpc.ScoringServiceServicer):
     @_stand_in_rpc("scoring")
     def Score(self, request, context):
         groups = group_rollouts(r for path in request.candidate_paths for r in read_rollouts(path))
-        self._sleep(self.seconds, context)
+        self._sleep(context)
         for pid, group in groups.items():
             yield scoring_pb2.ScoreEvent(
                 score=scoring_pb2.ProblemScore(
@@ -152,7 +151,7 @@ class StandInTrainer(_StandIn, training_pb2_grpc.TrainerServiceServicer):
     def Train(self, request, context):
         steps = max(1, request.hyperparams.steps)
         for step in range(1, steps + 1):
-            self._sleep(self.seconds, context)
+            self._sleep(context)
             yield training_pb2.TrainEvent(step=training_pb2.StepMetrics(step=step, loss=0.0))
         out = Path(request.output_checkpoint)
         out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from gradalign_common.pb import common_pb2, scoring_pb2, scoring_pb2_grpc
 from gradalign_common.records import RolloutRecord, ScoreRecord, group_rollouts, read_rollouts, write_scores_jsonl
 from gradalign_common.request_gate import RequestGate
 from gradalign_common.request_identity import check_request, record_request, request_fingerprint
-from gradalign_common.modeling import checkpoint_fingerprint, dtype_on
+from gradalign_common.modeling import checkpoint_fingerprint, configure_torch_threads, dtype_on
 from gradalign_common.optimizer_state import file_fingerprint, read_optimizer_state
 from gradalign_common.scoring_methods import MethodSpec, parse_method
 from gradalign_common.selection import get_mode
@@ -245,8 +245,6 @@ def _score_event(record: ScoreRecord) -> scoring_pb2.ScoreEvent:
 def create_server(settings: ScoringSettings, servicer: ScoringServicer | None = None):
     """A server with the ScoringService (`servicer`, or a new one) and health registered (not started);
     returns (server, health, port)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     servicer = servicer or ScoringServicer(settings)
     return build_service_server(settings, SERVICE_NAME, scoring_pb2_grpc.add_ScoringServiceServicer_to_server, servicer)
 
@@ -254,7 +252,9 @@ def create_server(settings: ScoringSettings, servicer: ScoringServicer | None = 
 def start_server(
     settings: ScoringSettings, servicer: ScoringServicer | None = None
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """create_server, started and marked serving; returns (server, health, bound port)."""
+    """create_server in this process (torch's threads set from settings, as serve does), started and marked
+    serving; returns (server, health, bound port)."""
+    configure_torch_threads(settings.torch_threads)
     server, health_servicer, port = create_server(settings, servicer)
     server.start()
     mark_serving(health_servicer, [SERVICE_NAME])
